@@ -1,0 +1,33 @@
+# Two entry points: `make demo` (the whole pipeline on the embedded default) and `make test`.
+# Both create .venv and install the project into it on first use.
+#
+# torch is pinned here, not in pyproject.toml: on this project's CPU machines
+# `pip install torch==2.13.0` takes a local CPU wheel, while an unpinned torch pulls several GB of
+# CUDA packages. The package itself only asks for a range (torch>=2.2,<3).
+
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+TORCH  ?= torch==2.13.0
+STAMP  := $(VENV)/.installed
+
+.PHONY: demo test lint clean
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q "$(TORCH)"
+	$(BIN)/python -m pip install -q -e ".[dev,openvino]"
+	touch $@
+
+demo: $(STAMP)
+	$(BIN)/alexnet-deploy demo
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q
+
+lint: $(STAMP)
+	$(BIN)/ruff check alexnet_deploy tests benchmarks
+
+clean:
+	rm -rf $(VENV) demo-report
