@@ -53,6 +53,38 @@ def parse_csv(value: str, kind=str, name: str = "value") -> list:
 
 # ---- calibrate (stage 3) ----
 
+@cli.command()
+@click.option("--model", required=True, metavar="MODEL.onnx",
+              help="The model written by 'alexnet-deploy export' (its preprocessing spec is "
+                   "read from it).")
+@click.option("--data", required=True, metavar="PATH",
+              help="Calibration images: an image folder, an .npz or synthetic:train.")
+@click.option("--method", default="entropy", show_default=True,
+              type=click.Choice(["entropy", "percentile", "minmax", "mse"]),
+              help="How each tensor's range is chosen from its histogram.")
+@click.option("--percentile", type=float, default=None, metavar="P",
+              help="--method percentile: the percentile of |x| kept.  [default: 99.99]")
+@click.option("--num-images", type=int, default=512, show_default=True, metavar="N",
+              help="Images to use (a seeded random subset; all of them when there are fewer).")
+@click.option("--batch-size", type=int, default=32, show_default=True, metavar="B",
+              help="Images per model run (the result does not depend on it).")
+@click.option("--seed", type=int, default=0, show_default=True, metavar="S",
+              help="Seed of the image subset.")
+@click.option("--trt-version", default=None, metavar="X.Y.Z",
+              help="TensorRT version written in the .cache header.  [default: the installed "
+                   "TensorRT 10, else 10.16.1]")
+@click.option("--out", required=True, metavar="calibration/NAME.json",
+              help="Calibration file to write; the TensorRT cache goes beside it (NAME.cache).")
+def calibrate(model, data, method, percentile, num_images, batch_size, seed, trt_version,
+              out) -> None:
+    """Choose per-tensor INT8 ranges from activation histograms on real images."""
+    from alexnet_deploy.calibrate import calibrate as run_calibrate
+
+    run_calibrate(model, data, out, method=method, percentile=percentile,
+                  num_images=num_images, batch_size=batch_size, seed=seed,
+                  trt_version=trt_version)
+
+
 # ---- build (stage 4) ----
 
 # ---- validate (stage 5) ----
