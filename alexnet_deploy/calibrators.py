@@ -27,6 +27,7 @@ choosing a usable scale for such a tensor is the caller's decision (see
 
 from __future__ import annotations
 
+import functools
 import math
 import threading
 from dataclasses import asdict, dataclass
@@ -284,6 +285,16 @@ def _xlogx(v: np.ndarray) -> np.ndarray:
         return np.where(v > 0, v * np.log(np.where(v > 0, v, 1.0)), 0.0)
 
 
+@functools.lru_cache(maxsize=8)
+def _group_edges(num_bins: int, num_levels: int, start_bin: int) -> tuple[np.ndarray, np.ndarray]:
+    """Candidates ``i = start_bin..num_bins`` and, per candidate, the ``num_levels + 1`` bin
+    edges of its groups: group ``j`` is bins ``ceil(j*i/L) .. ceil((j+1)*i/L) - 1``."""
+    kept = np.arange(start_bin, num_bins + 1)
+    edges = -(-np.outer(kept, np.arange(num_levels + 1)) // num_levels)
+    kept.flags.writeable = edges.flags.writeable = False
+    return kept, edges
+
+
 def kl_divergences(counts: np.ndarray, num_levels: int = 128, start_bin: int = 128,
                    eps: float = 1e-4) -> tuple[np.ndarray, np.ndarray]:
     """KL(P || Q) of :class:`EntropyCalibrator` for every candidate number of kept bins.
@@ -306,22 +317,23 @@ def kl_divergences(counts: np.ndarray, num_levels: int = 128, start_bin: int = 1
     nonempty = np.concatenate(([0], np.cumsum(counts > 0)))
     plogp_prefix = np.concatenate(([0.0], np.cumsum(_xlogx(counts))))
 
-    kept = np.arange(start_bin, n + 1)
+    kept, edges = _group_edges(n, num_levels, start_bin)
     below = prefix[kept]                      # Qt: the mass the threshold keeps
     outliers = total - below
     last = counts[kept - 1]
-    # group j of candidate i covers bins [ceil(j*i/L), ceil((j+1)*i/L))
-    edges = -(-np.outer(kept, np.arange(num_levels + 1)) // num_levels)
-    group_sum = prefix[edges[:, 1:]] - prefix[edges[:, :-1]]
-    group_nonempty = nonempty[edges[:, 1:]] - nonempty[edges[:, :-1]]
-    with np.errstate(divide="ignore", invalid="ignore"):
-        q_level = np.where(group_nonempty > 0, group_sum / np.maximum(group_nonempty, 1), 1.0)
-        cross = np.sum(np.where(group_sum > 0, group_sum * np.log(q_level), 0.0), axis=1)
-        # the outliers sit in bin i-1: Q there is the last group's level, or eps if it was empty
-        q_last = np.where(last > 0, q_level[:, -1], eps)
-        cross += np.where(outliers > 0, outliers * np.log(q_last), 0.0)
-        plogp = plogp_prefix[kept - 1] + _xlogx(last + outliers)
-        divergence = (plogp - cross) / total - np.log(total) + np.log(below)
+    group_sum = np.diff(prefix[edges], axis=1)
+    group_nonempty = np.diff(nonempty[edges], axis=1)
+    filled = group_sum > 0                    # then group_nonempty > 0 too
+    log_level = np.zeros_like(group_sum)      # log of Q's value in a group's nonempty bins
+    np.log(group_sum, out=log_level, where=filled)
+    log_level -= np.log(np.maximum(group_nonempty, 1))
+    cross = np.einsum("ij,ij->i", group_sum, log_level)
+    # the outliers sit in bin i-1: Q there is the last group's level, or eps if it was empty
+    log_q_last = np.where(last > 0, log_level[:, -1], math.log(eps))
+    cross += np.where(outliers > 0, outliers * log_q_last, 0.0)
+    plogp = plogp_prefix[kept - 1] + _xlogx(last + outliers)
+    with np.errstate(divide="ignore"):
+        divergence = (plogp - cross) / total - math.log(total) + np.log(below)
     divergence[below <= 0] = np.inf
     return kept, divergence
 

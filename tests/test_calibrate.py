@@ -359,3 +359,47 @@ def test_scale_of_an_unknown_tensor(work):
     calibration = run(model, data, tmp / "c.json")
     with pytest.raises(UserError, match="no range for tensor 'conv9'"):
         calibration.scale("conv9")
+
+
+# ---- the pipeline's threads ----
+
+def _prefetch_threads() -> int:
+    import threading
+
+    return sum(t.name == "calibrate-prefetch" for t in threading.enumerate())
+
+
+def wait_for_no_prefetch_threads(timeout: float = 3.0) -> int:
+    import time
+
+    deadline = time.monotonic() + timeout
+    while _prefetch_threads() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return _prefetch_threads()
+
+
+def test_background_passes_items_and_errors_through_and_stops_early():
+    from alexnet_deploy.calibrate import _background
+
+    assert list(_background(_background(iter(range(50)), 2), 1)) == list(range(50))
+
+    def failing():
+        yield 1
+        raise UserError("decode failed")
+
+    with pytest.raises(UserError, match="decode failed"):
+        list(_background(_background(failing(), 2), 1))
+    chain = _background(_background(iter(range(10**6)), 2), 1)
+    assert next(chain) == 0
+    chain.close()
+    assert wait_for_no_prefetch_threads() == 0
+
+
+def test_a_failed_run_leaves_no_threads_behind(tmp_path):
+    def log_of_input(nodes, inits):
+        nodes.append(helper.make_node("Log", ["conv1"], ["log_conv1"], name="log_conv1"))
+
+    model = tiny_model(tmp_path / "nan.onnx", extra=log_of_input)
+    with pytest.raises(UserError, match="log_conv1"):
+        run(model, npz_data(tmp_path / "d.npz", n=200), tmp_path / "c.json", batch_size=4)
+    assert wait_for_no_prefetch_threads() == 0
