@@ -87,7 +87,71 @@ def calibrate(model, data, method, percentile, num_images, batch_size, seed, trt
 
 # ---- build (stage 4) ----
 
+@cli.command()
+@click.option("--model", required=True, metavar="MODEL.onnx",
+              help="The model written by 'alexnet-deploy export'.")
+@click.option("--precision", required=True, type=click.Choice(["fp32", "fp16", "int8"]),
+              help="Engine precision (INT8 needs --calibration).")
+@click.option("--calibration", metavar="FILE",
+              help="Calibration JSON from 'alexnet-deploy calibrate' on this model (INT8).")
+@click.option("--backend", default="auto", show_default=True, metavar="NAME",
+              help="auto, onnxruntime, openvino or tensorrt (auto: TensorRT on a GPU, else "
+                   "OpenVINO if installed, else ONNX Runtime).")
+@click.option("--max-batch", type=int, default=64, show_default=True, metavar="N",
+              help="Largest batch of a TensorRT engine's profile (CPU engines take any batch).")
+@click.option("--max-top1-drop", type=float, default=None, metavar="X",
+              help="INT8: keep the layers that cost most accuracy in FP32 until the top-1 drop "
+                   "measured on --calibration-data is at most X percentage points.")
+@click.option("--calibration-data", metavar="PATH",
+              help="Labelled images (folder or .npz) for --max-top1-drop.")
+@click.option("--threads", type=int, default=None, metavar="N", help="CPU threads.")
+@click.option("--out", required=True, metavar="engines/NAME",
+              help="Engine folder to write (an earlier engine there is replaced).")
+def build(model, precision, calibration, backend, max_batch, max_top1_drop, calibration_data,
+          threads, out) -> None:
+    """Build an engine folder (backend artifact + engine.json sidecar) from an ONNX model."""
+    from alexnet_deploy.build import build_engine
+
+    result = build_engine(model, precision, out, calibration=calibration, backend=backend,
+                          max_batch=max_batch, max_top1_drop=max_top1_drop,
+                          calibration_data=calibration_data, threads=threads)
+    for line in result.summary():
+        click.echo(line)
+
+
 # ---- validate (stage 5) ----
+
+@cli.command()
+@click.option("--engine", required=True, metavar="ENGINE",
+              help="Engine folder from 'alexnet-deploy build'.")
+@click.option("--reference", required=True, metavar="CHECKPOINT_OR_ONNX",
+              help="The FP32 reference: the .pt checkpoint or the .onnx the engine came from.")
+@click.option("--data", required=True, metavar="PATH",
+              help="Labelled images: an image folder (one sub-folder per class) or an .npz.")
+@click.option("--json", "json_path", metavar="FILE", help="Write the metrics as JSON.")
+@click.option("--max-top1-drop", type=float, default=0.5, show_default=True, metavar="X",
+              help="Fail when engine top-1 is more than X percentage points below the reference.")
+@click.option("--min-agreement", type=float, default=0.99, show_default=True, metavar="F",
+              help="Fail when the top-1 agreement with the reference is below F (0..1).")
+@click.option("--limit", type=int, default=None, metavar="N",
+              help="Validate on a seeded random subset of N images.")
+@click.option("--batch-size", type=int, default=None, metavar="B",
+              help="Images per batch.  [default: 32, or the engine's largest batch]")
+@click.option("--threads", type=int, default=None, metavar="N", help="CPU threads.")
+def validate(engine, reference, data, json_path, max_top1_drop, min_agreement, limit,
+             batch_size, threads) -> None:
+    """Compare an engine with its FP32 reference on real images; exit 1 if a threshold fails."""
+    from alexnet_deploy.validate import run_validate
+
+    result = run_validate(engine, reference, data, json_path=json_path,
+                          max_top1_drop=max_top1_drop, min_agreement=min_agreement, limit=limit,
+                          batch_size=batch_size, threads=threads)
+    for line in result.summary():
+        click.echo(line)
+    if not result.passed:
+        click.echo("validation failed: " + "; ".join(result.failures), err=True)
+        sys.exit(1)
+
 
 # ---- bench (stage 6) ----
 

@@ -25,3 +25,49 @@ def shared_path(name: str) -> Path:
 @pytest.fixture
 def shared_data():
     return shared_path
+
+
+# ---- small exported models and calibrations (build / validate / backend tests) ----
+
+SMALL_SIZE = 67  # the paper model's smallest input
+SMALL_CLASSES = ("disc", "ring", "square", "triangle", "cross", "star", "crescent", "stripes",
+                 "checkerboard", "dots")  # the synthetic data set's classes, so its labels apply
+
+
+def make_small_model(folder: Path, *, seed: int = 0, size: int = SMALL_SIZE,
+                     classes: tuple[str, ...] = SMALL_CLASSES) -> dict[str, Path]:
+    """A small untrained paper AlexNet (width x1/8) with varied logits: ``checkpoint`` (.pt)
+    and its canonical export ``onnx``, written under ``folder``."""
+    from alexnet_deploy.checkpoint import save_checkpoint
+    from alexnet_deploy.export import export, source_from_checkpoint
+    from alexnet_deploy.model import AlexNetConfig, AlexNetGrouped, grouped_to_two_tower
+    from alexnet_deploy.preprocess import PreprocessSpec
+
+    folder.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(seed)
+    cfg = AlexNetConfig(num_classes=len(classes), image_size=size, width_mult=0.125)
+    grouped = AlexNetGrouped(cfg).eval()
+    # the paper's N(0, 0.01) init gives near-constant logits; He init makes images differ
+    for p in grouped.parameters():
+        if p.dim() > 1:
+            torch.nn.init.kaiming_normal_(p)
+        else:
+            torch.nn.init.uniform_(p, -0.1, 0.1)
+    paths = {"checkpoint": folder / "model.pt", "onnx": folder / "model.onnx"}
+    save_checkpoint(paths["checkpoint"], model=grouped_to_two_tower(grouped), config=cfg,
+                    preprocess=PreprocessSpec.for_size(size), classes=list(classes))
+    export(source_from_checkpoint(paths["checkpoint"]), paths["onnx"])
+    return paths
+
+
+@pytest.fixture(scope="session")
+def small_model(tmp_path_factory) -> dict[str, Path]:
+    """``{"checkpoint", "onnx", "calibration"}``: a small model, its export, and a minmax
+    calibration of it on 64 synthetic training images."""
+    from alexnet_deploy.calibrate import calibrate
+
+    paths = make_small_model(tmp_path_factory.mktemp("small_model"))
+    paths["calibration"] = paths["onnx"].with_name("calibration.json")
+    calibrate(paths["onnx"], "synthetic:train", paths["calibration"], method="minmax",
+              num_images=64, progress=False, say=lambda _: None)
+    return paths

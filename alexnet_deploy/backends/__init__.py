@@ -96,6 +96,52 @@ class Backend(ABC):
     @abstractmethod
     def load(self, engine_dir: Path, sidecar: Any, *, threads: int | None = None) -> Runner: ...
 
+    # ---- optional hooks with defaults (a backend overrides what differs) ----
+
+    #: where INT8 Q/DQ pairs go for this backend (see :func:`alexnet_deploy.quantize.to_int8`)
+    qdq_target: str = "cpu"
+    #: True when ``build``'s ``max_batch`` bounds the engine (an optimization profile); CPU
+    #: backends run the dynamic-batch graph at any batch size
+    fixed_batch_range: bool = False
+
+    def precision_graph(self, graph: "onnx.ModelProto", precision: str, calibration: Any = None,
+                        keep_fp32: tuple[str, ...] = ()) -> "onnx.ModelProto":
+        """The canonical export ``graph`` in ``precision``: ``fp32`` unchanged, ``fp16``
+        :func:`~alexnet_deploy.quantize.to_fp16`, ``int8`` :func:`~alexnet_deploy.quantize.to_int8`
+        with this backend's :attr:`qdq_target` and the ``keep_fp32`` layers left in FP32."""
+        from alexnet_deploy import quantize
+
+        if precision == "fp16":
+            return quantize.to_fp16(graph)
+        if precision == "int8":
+            return quantize.to_int8(graph, calibration, target=self.qdq_target,
+                                    keep_fp32=tuple(keep_fp32))
+        return graph
+
+    def rewrite_graph(self, graph: "onnx.ModelProto") -> "onnx.ModelProto":
+        """An exact, backend-specific rewrite applied last, to :meth:`precision_graph`'s result
+        (e.g. a faster LRN form). Defaults to ``graph`` unchanged."""
+        return graph
+
+    def check_compatible(self, sidecar: Any) -> None:
+        """Raise UserError when an engine built with ``sidecar.backend_version`` (and on
+        ``sidecar.host``) cannot run on this installation. Defaults to accepting it."""
+
+    def notes(self, precision: str) -> list[str]:
+        """Remarks for the sidecar about how this backend runs ``precision``. Defaults to none."""
+        return []
+
+    def device_info(self) -> dict[str, str]:
+        """What the build host's accelerator is, for the sidecar (e.g. ``{"gpu": ...}``).
+        Defaults to nothing (CPU backends: the CPU is recorded for every engine)."""
+        return {}
+
+
+def first_line(e: BaseException, limit: int = 300) -> str:
+    """The first line of an exception's message (a framework's errors can run to pages)."""
+    text = str(e).strip().splitlines()
+    return text[0][:limit] if text else type(e).__name__
+
 
 def get_backend(name: str) -> Backend:
     """The backend called ``name`` (or the best available for ``"auto"``); UserError otherwise."""

@@ -1,0 +1,182 @@
+"""``alexnet-deploy build``: what it writes, what it prints, and how it refuses bad input."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import onnx
+import pytest
+from click.testing import CliRunner
+
+from alexnet_deploy.backends.onnxruntime import BACKEND as ONNXRUNTIME
+from alexnet_deploy.backends.tensorrt import BACKEND as TENSORRT
+from alexnet_deploy.build import build_engine
+from alexnet_deploy.cli import cli
+from alexnet_deploy.engine import SIDECAR_NAME, read_sidecar
+from alexnet_deploy.errors import UserError
+from alexnet_deploy.fileio import sha256_file
+from alexnet_deploy.metadata import read_model_info, write_model_info
+from alexnet_deploy.preprocess import PreprocessSpec
+
+LAYERS = ["conv1", "conv2", "conv3", "conv4", "conv5", "fc6", "fc7", "fc8"]
+
+
+def run(*args: str):
+    return CliRunner().invoke(cli, ["build", *args])
+
+
+def test_build_writes_a_complete_engine_folder_and_prints_a_summary(small_model, tmp_path):
+    out = tmp_path / "engines" / "fp32"
+    out.parent.mkdir()
+    result = run("--model", str(small_model["onnx"]), "--precision", "fp32",
+                 "--backend", "onnxruntime", "--out", str(out), "--threads", "1")
+    assert result.exit_code == 0, result.output
+    assert sorted(p.name for p in out.iterdir()) == [SIDECAR_NAME, "model.onnx"]
+    assert [p.name for p in out.parent.iterdir()] == ["fp32"]  # no temporary folder left
+    sidecar = read_sidecar(out)
+    assert sidecar.backend == "onnxruntime"
+    assert sidecar.backend_version == ONNXRUNTIME.version()
+    assert sidecar.precision == "fp32"
+    assert sidecar.layer_precision == {name: "fp32" for name in LAYERS}
+    assert sidecar.model_sha256 == sha256_file(small_model["onnx"])
+    assert sidecar.checkpoint_sha256 == sha256_file(small_model["checkpoint"])
+    assert sidecar.calibration_sha256 is None and sidecar.placement is None
+    assert sidecar.artifacts == {"model.onnx": sha256_file(out / "model.onnx")}
+    info = read_model_info(small_model["onnx"])
+    assert sidecar.preprocess == info.preprocess and sidecar.classes == info.classes
+    assert sidecar.input_shape == (3, 67, 67) and sidecar.max_batch is None
+    assert sidecar.build_seconds > 0 and sidecar.built_at.endswith("+00:00")
+    assert {"hostname", "platform", "cpu"} <= set(sidecar.host)
+    for text in ("backend    onnxruntime", "precision  fp32", "conv1=fp32", "fc8=fp32",
+                 "size ", "build time"):
+        assert text in result.output
+
+
+def test_int8_build_records_calibration_and_placement(small_model, tmp_path):
+    result = build_engine(small_model["onnx"], "int8", tmp_path / "int8", backend="onnxruntime",
+                          calibration=small_model["calibration"])
+    sc = result.sidecar
+    assert sc.precision == "int8" and sc.placement == "cpu"
+    assert sc.layer_precision == {name: "int8" for name in LAYERS}
+    assert sc.calibration_sha256 == sha256_file(small_model["calibration"])
+    assert result.size_bytes < 0.5 * (small_model["onnx"].stat().st_size)
+
+
+def test_rebuilding_replaces_the_engine(small_model, tmp_path):
+    out = tmp_path / "e"
+    build_engine(small_model["onnx"], "fp16", out, backend="onnxruntime")
+    build_engine(small_model["onnx"], "fp32", out, backend="onnxruntime")
+    assert read_sidecar(out).precision == "fp32"
+    assert [p.name for p in tmp_path.iterdir()] == ["e"]
+
+
+def test_max_top1_drop_keeps_costly_layers_fp32(small_model, tmp_path):
+    # labels count here (the synthetic data's classes are the model's), so the budget is in
+    # top-1 accuracy points measured on the 512 search images
+    result = build_engine(small_model["onnx"], "int8", tmp_path / "mixed", backend="onnxruntime",
+                          calibration=small_model["calibration"], max_top1_drop=0.1,
+                          calibration_data="synthetic:train", progress=False)
+    mixed = result.mixed
+    assert mixed is not None and mixed.measure == "accuracy drop" and mixed.num_images == 512
+    assert mixed.final_drop <= 0.1
+    kept = set(mixed.fp32_layers)
+    assert {k for k, v in result.sidecar.layer_precision.items() if v == "fp32"} == kept
+    expected = "int8" if not kept else "fp32" if len(kept) == len(LAYERS) else "mixed"
+    assert result.sidecar.precision == expected
+    assert any(line.startswith("mixed      budget 0.1 pt") for line in result.summary())
+
+
+def test_failed_build_leaves_nothing_behind(small_model, tmp_path, monkeypatch):
+    def broken(*args, **kwargs):
+        raise UserError("backend exploded")
+
+    monkeypatch.setattr(ONNXRUNTIME, "build", broken)
+    result = run("--model", str(small_model["onnx"]), "--precision", "fp32",
+                 "--backend", "onnxruntime", "--out", str(tmp_path / "e"))
+    assert result.exit_code == 2
+    assert "error: backend exploded" in result.output
+    assert list(tmp_path.iterdir()) == []
+
+
+# ---- bad input: one line, exit 2 ----
+
+def expect_error(result, message: str) -> None:
+    assert result.exit_code == 2, result.output
+    assert message in result.output
+    assert "Traceback" not in result.output
+
+
+def test_int8_needs_a_calibration(small_model, tmp_path):
+    expect_error(run("--model", str(small_model["onnx"]), "--precision", "int8",
+                     "--out", str(tmp_path / "e")), "INT8 needs --calibration FILE")
+
+
+def test_calibration_for_another_model_is_refused(small_model, tmp_path):
+    other = tmp_path / "other.onnx"
+    model = onnx.load(str(small_model["onnx"]))
+    model.doc_string = "another export"
+    onnx.save(model, str(other))
+    expect_error(run("--model", str(other), "--precision", "int8", "--backend", "onnxruntime",
+                     "--calibration", str(small_model["calibration"]),
+                     "--out", str(tmp_path / "e")), "was made for another model")
+    assert not (tmp_path / "e").exists()
+
+
+def test_unknown_backend(small_model, tmp_path):
+    expect_error(run("--model", str(small_model["onnx"]), "--precision", "fp32",
+                     "--backend", "tflite", "--out", str(tmp_path / "e")),
+                 "unknown backend 'tflite': choose one of auto, onnxruntime, openvino, tensorrt")
+
+
+def test_backend_not_installed_says_how_to_install(small_model, tmp_path):
+    if TENSORRT.available():
+        pytest.skip("TensorRT is installed here")
+    expect_error(run("--model", str(small_model["onnx"]), "--precision", "fp32",
+                     "--backend", "tensorrt", "--out", str(tmp_path / "e")),
+                 "pip install tensorrt pycuda on a GPU machine, or use the NGC TensorRT "
+                 "container")
+
+
+def test_model_whose_input_does_not_match_its_spec(small_model, tmp_path):
+    model = onnx.load(str(small_model["onnx"]))
+    info = read_model_info(model)
+    info.preprocess = PreprocessSpec.for_size(96)
+    write_model_info(model, info)
+    path = tmp_path / "mismatch.onnx"
+    onnx.save(model, str(path))
+    expect_error(run("--model", str(path), "--precision", "fp32", "--backend", "onnxruntime",
+                     "--out", str(tmp_path / "e")), "[N, 3, 96, 96]")
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--precision", "fp32", "--max-top1-drop", "0.5"], "use it with --precision int8"),
+    (["--precision", "int8", "--max-top1-drop", "0.5"], "needs --calibration-data"),
+    (["--precision", "fp32", "--max-batch", "0"], "--max-batch must be >= 1"),
+])
+def test_option_combinations_are_checked(small_model, tmp_path, extra, message):
+    if "int8" in extra:
+        extra = [*extra, "--calibration", str(small_model["calibration"])]
+    expect_error(run("--model", str(small_model["onnx"]), *extra, "--out",
+                     str(tmp_path / "e")), message)
+
+
+def test_missing_model_and_unwritable_out(small_model, tmp_path):
+    expect_error(run("--model", str(tmp_path / "nope.onnx"), "--precision", "fp32",
+                     "--out", str(tmp_path / "e")), "does not exist")
+    expect_error(run("--model", str(small_model["onnx"]), "--precision", "fp32",
+                     "--out", str(tmp_path / "missing" / "e")), "does not exist")
+    (tmp_path / "photos").mkdir()
+    (tmp_path / "photos" / "a.jpg").write_bytes(b"x")
+    expect_error(run("--model", str(small_model["onnx"]), "--precision", "fp32",
+                     "--backend", "onnxruntime", "--out", str(tmp_path / "photos")),
+                 "exists and is not an engine folder")
+    assert [p.name for p in (tmp_path / "photos").iterdir()] == ["a.jpg"]
+
+
+def test_sidecar_json_is_what_the_readme_documents(small_model, tmp_path):
+    build_engine(small_model["onnx"], "fp32", tmp_path / "e", backend="onnxruntime")
+    d = json.loads(Path(tmp_path / "e" / SIDECAR_NAME).read_text())
+    assert list(d) == ["format", "alexnet_deploy_version", "backend", "precision",
+                       "layer_precision", "placement", "source", "artifacts", "input", "output",
+                       "preprocess", "classes", "build", "notes"]
