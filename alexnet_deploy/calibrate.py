@@ -466,6 +466,8 @@ def calibrate(model: str | Path, data: str | Path, out: str | Path, *,
         say(f"reusing {out}: made for the same model, data, method and options "
             "(delete it to recompute)")
         return previous
+    if previous is not None:
+        say(f"note: replacing {out}, made for another model, data, method or options")
 
     if len(dataset) < num_images:
         say(f"note: {data} holds {len(dataset)} images, fewer than --num-images {num_images}: "

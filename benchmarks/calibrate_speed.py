@@ -21,6 +21,9 @@ times ``onnxruntime.quantization``'s calibrators (``create_calibrator``: ``colle
 from __future__ import annotations
 
 import argparse
+import contextlib
+import functools
+import io
 import json
 import platform
 import sys
@@ -51,15 +54,6 @@ def export_random_model(out: Path, image_size: int, width_mult: float, classes: 
     return out
 
 
-def best_of(repeats: int, fn):
-    times, result = [], None
-    for _ in range(repeats):
-        t = time.perf_counter()
-        result = fn()
-        times.append(time.perf_counter() - t)
-    return min(times), result
-
-
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model", type=Path, help="an exported .onnx (default: export one)")
@@ -68,7 +62,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--data", default=str(DEFAULT_DATA))
     parser.add_argument("--num-images", type=int, default=512)
     parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--repeats", type=int, default=3, help="best of N for each timing")
+    parser.add_argument("--repeats", type=int, default=3,
+                        help="rounds; each figure is the best of them")
     parser.add_argument("--methods", default=",".join(METHODS))
     parser.add_argument("--compare-ort", action="store_true",
                         help="also time onnxruntime.quantization's calibrators")
@@ -96,57 +91,68 @@ def main(argv: list[str] | None = None) -> None:
     report: dict = {"model": str(model_path), "image_size": spec.crop, "data": args.data,
                     "num_images": args.num_images, "batch_size": args.batch_size,
                     "tensors": len(tensors), "host": platform.node(),
-                    "cpu": platform.processor() or platform.machine(), "best_of": args.repeats}
+                    "cpu": platform.processor() or platform.machine(), "rounds": args.repeats}
 
     def decode():
         return [b.images for b in datasets.iter_batches(args.data, spec, args.batch_size,
                                                         limit=args.num_images, seed=0)]
 
-    decode()  # warm the data set's caches (npz read, worker start-up)
-    report["decode_s"], batches = best_of(args.repeats, decode)
-    n = sum(len(b) for b in batches)
-    report["images"] = n
+    batches = decode()  # also warms the data set's caches (npz read, worker start-up)
+    n = report["images"] = sum(len(b) for b in batches)
     session = _session(proto, tensors)
-    session.run(tensors, {"input": batches[0]})
-    report["onnxruntime_s"], _ = best_of(args.repeats, lambda: [
-        session.run(tensors, {"input": b}) for b in batches])
     outputs = [session.run(tensors, {"input": b}) for b in batches[:4]]
-    per_batch, _ = best_of(args.repeats, lambda: [
-        HistogramCollector().update(v) for out in outputs for v in out])
-    report["histogram_s"] = per_batch * len(batches) / len(outputs)
-    elements = sum(v.size for v in outputs[0]) / len(batches[0])
-    report["activation_elements_per_image"] = int(elements)
+    elements = report["activation_elements_per_image"] = int(
+        sum(v.size for v in outputs[0]) / len(batches[0]))
+    methods = args.methods.split(",")
 
-    print(f"{n} images, {len(tensors)} tensors, {elements / 1e6:.2f} M activation values per "
-          f"image; decode {report['decode_s']:.2f} s, ONNX Runtime {report['onnxruntime_s']:.2f} s,"
-          f" histograms {report['histogram_s']:.2f} s", file=sys.stderr)
+    def whole_stage(method):
+        out = tmp / f"{method}.json"
+        out.unlink(missing_ok=True)  # no reuse: time the work
+        calibrate(model_path, args.data, out, method=method, num_images=args.num_images,
+                  batch_size=args.batch_size, progress=False, say=lambda m: None)
 
-    report["methods"] = {}
-    for method in args.methods.split(","):
-        def run(method=method):
-            out = tmp / f"{method}.json"
-            out.unlink(missing_ok=True)
-            return calibrate(model_path, args.data, out, method=method,
-                             num_images=args.num_images, batch_size=args.batch_size,
-                             progress=False, say=lambda m: None)
-        total, _ = best_of(args.repeats, run)
+    def on_decoded(method):  # the same work on images decoded beforehand
+        stats = collect_activations(proto, batches, tensors=tensors, progress=False)
         calibrator = make_calibrator(method)
+        return [calibrator(h) for h in stats.histograms.values()]
 
-        def decoded(calibrator=calibrator):  # the same work on images already decoded
-            stats = collect_activations(proto, batches, tensors=tensors, progress=False)
-            return {name: calibrator(h) for name, h in stats.histograms.items()}, stats
-
-        decoded_s, (_, stats) = best_of(args.repeats, decoded)
-        histograms = list(stats.histograms.values())
-        math_s, _ = best_of(args.repeats, lambda c=calibrator, hs=histograms: [c(h) for h in hs])
-        report["methods"][method] = {"total_s": total, "img_per_s": n / total,
-                                     "decoded_images_s": decoded_s, "calibrator_math_s": math_s}
-        print(f"{method:>10}: {total:.2f} s end to end ({n / total:.0f} img/s); on decoded "
-              f"images {decoded_s:.2f} s, of which calibrator math {math_s * 1e3:.0f} ms",
-              file=sys.stderr)
-
+    parts = {
+        "decode": decode,
+        "onnxruntime": lambda: [session.run(tensors, {"input": b}) for b in batches],
+        "histograms": lambda: [HistogramCollector().update(v) for out in outputs for v in out],
+    }
+    timed = dict(parts)
+    for method in methods:
+        timed[f"{method}/stage"] = functools.partial(whole_stage, method)
+        timed[f"{method}/decoded"] = functools.partial(on_decoded, method)
     if args.compare_ort:
-        report["onnxruntime_quantization"] = compare_ort(model_path, batches, args.repeats, tmp)
+        for method in ORT_METHODS:
+            timed[f"{method}/onnxruntime.quantization"] = functools.partial(
+                ort_calibration, model_path, batches, method, tmp)
+
+    # rounds interleave everything, so that a slower spell of a shared machine hits all alike
+    samples: dict[str, list[float]] = {name: [] for name in timed}
+    for _ in range(args.repeats):
+        for name, fn in timed.items():
+            t = time.perf_counter()
+            fn()
+            samples[name].append(time.perf_counter() - t)
+    # histograms were timed on the first batches' activations (keeping all would not fit)
+    samples["histograms"] = [t * len(batches) / len(outputs) for t in samples["histograms"]]
+    best = {name: min(v) for name, v in samples.items()}
+    report["seconds_best"] = best
+    report["seconds_all"] = samples
+    print(f"{n} images, {len(tensors)} tensors, {elements / 1e6:.2f} M activation values per "
+          f"image (best of {args.repeats}): decode {best['decode']:.2f} s, ONNX Runtime "
+          f"{best['onnxruntime']:.2f} s, histograms {best['histograms']:.2f} s", file=sys.stderr)
+    for method in methods:
+        line = (f"{method:>10}: stage {best[f'{method}/stage']:.2f} s "
+                f"({n / best[f'{method}/stage']:.0f} img/s); on decoded images "
+                f"{best[f'{method}/decoded']:.2f} s")
+        theirs = best.get(f"{method}/onnxruntime.quantization")
+        if theirs:
+            line += f"; onnxruntime.quantization on decoded images {theirs:.2f} s"
+        print(line, file=sys.stderr)
 
     text = json.dumps(report, indent=2)
     print(text)
@@ -154,8 +160,11 @@ def main(argv: list[str] | None = None) -> None:
         args.json.write_text(text + "\n")
 
 
-def compare_ort(model_path: Path, batches: list[np.ndarray], repeats: int, tmp: Path) -> dict:
-    """``onnxruntime.quantization`` calibrators on the same images (data already decoded)."""
+ORT_METHODS = ("entropy", "percentile", "minmax")
+
+
+def ort_calibration(model_path: Path, batches: list[np.ndarray], method: str, tmp: Path):
+    """``onnxruntime.quantization``'s calibrator on images already decoded."""
     from onnxruntime.quantization import CalibrationDataReader, CalibrationMethod
     from onnxruntime.quantization.calibrate import create_calibrator
 
@@ -167,20 +176,13 @@ def compare_ort(model_path: Path, batches: list[np.ndarray], repeats: int, tmp: 
             b = next(self.it, None)
             return None if b is None else {"input": b}
 
-    results = {}
-    for name, method in (("entropy", CalibrationMethod.Entropy),
-                         ("percentile", CalibrationMethod.Percentile),
-                         ("minmax", CalibrationMethod.MinMax)):
-        def run(method=method):
-            calibrator = create_calibrator(model_path, augmented_model_path=str(tmp / "aug.onnx"),
-                                           calibrate_method=method)
-            calibrator.collect_data(Reader())
-            return calibrator.compute_data()
-        seconds, _ = best_of(repeats, run)
-        results[name] = {"total_s": seconds}
-        print(f"onnxruntime.quantization {name:>10}: {seconds:.2f} s (images already decoded)",
-              file=sys.stderr)
-    return results
+    kind = {"entropy": CalibrationMethod.Entropy, "percentile": CalibrationMethod.Percentile,
+            "minmax": CalibrationMethod.MinMax}[method]
+    calibrator = create_calibrator(model_path, augmented_model_path=str(tmp / "aug.onnx"),
+                                   calibrate_method=kind)
+    with contextlib.redirect_stdout(io.StringIO()):  # it prints its progress
+        calibrator.collect_data(Reader())
+        return calibrator.compute_data()
 
 
 if __name__ == "__main__":
