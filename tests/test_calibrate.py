@@ -403,3 +403,18 @@ def test_a_failed_run_leaves_no_threads_behind(tmp_path):
     with pytest.raises(UserError, match="log_conv1"):
         run(model, npz_data(tmp_path / "d.npz", n=200), tmp_path / "c.json", batch_size=4)
     assert wait_for_no_prefetch_threads() == 0
+
+
+# ---- real images ----
+
+def test_real_cifar_images_every_method(shared_data, tmp_path):
+    data = shared_data("cifar10_train_10k.npz")
+    model = tiny_model(tmp_path / "m.onnx")
+    got = {m: run(model, data, tmp_path / f"{m}.json", method=m, num_images=64).amax
+           for m in ("minmax", "percentile", "entropy", "mse")}
+    # the input's largest magnitude is a saturated blue pixel: (1 - 0.406) / 0.225
+    assert got["minmax"]["input"] == pytest.approx((1 - 0.406) / 0.225, rel=1e-5)
+    for method in ("percentile", "entropy", "mse"):
+        for name, amax in got[method].items():
+            assert 0 < amax <= got["minmax"][name], (method, name)
+    assert load_calibration(tmp_path / "mse.json").num_images == 64
