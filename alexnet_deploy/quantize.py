@@ -1,0 +1,1132 @@
+"""Precision as graph rewrites: INT8 (Q/DQ) and FP16 ONNX graphs, and mixed precision by budget.
+
+TensorRT 10.1+ deprecated implicit INT8 calibration and TensorRT 11 removed it (and the FP16/INT8
+builder flags): networks are strongly typed, so the precision each layer runs in is written into
+the ONNX graph itself. The same graphs run on ONNX Runtime and OpenVINO, which is how their
+accuracy is proven on a machine without a GPU. Everything here is ``onnx`` + ``numpy``; only
+:func:`layer_sensitivity` / :func:`choose_fp32_layers` run a model (on ONNX Runtime).
+
+INT8 (:func:`to_int8`)
+----------------------
+Symmetric, zero point 0. Weights per output channel (axis 0 of Conv and of ``Gemm(transB=1)``),
+``scale = max|w| / 127``, stored as int8 initializers read through a ``DequantizeLinear``.
+Activations per tensor, ``scale = amax / 127`` with ``amax`` from the calibration file. One
+canonical Q/DQ placement per target:
+
+``target="tensorrt"``
+    Q/DQ on the inputs of every Conv and Gemm (activation and weight) and nowhere else, int8
+    activations, float biases: TensorRT's explicit-quantization guide ("Q/DQ layer placement
+    recommendations": quantize all inputs of weighted operations, do not quantize their outputs
+    by default) -- TensorRT fuses the DQ into the layer, folds the bias, fuses the ReLU, and moves
+    Q/DQ across MaxPool / Flatten by itself.
+
+``target="cpu"``
+    Where ONNX Runtime (and OpenVINO) turn Q/DQ into integer kernels. ONNX Runtime rewrites
+    ``DQ -> Conv -> Q`` into ``QLinearConv`` only when the Conv's *output* is quantized too; a
+    ``Relu`` between Conv and Q blocks that unless the Q's zero point is the low end of its type
+    (then ``ReluQuantFusion`` removes the Relu); ``DQ -> MaxPool / Flatten -> Q`` with one scale
+    runs the op on the 8-bit tensor; ``QGemm`` may produce float. Hence:
+
+    * **uint8, zero point 0, scale amax/127 for tensors that are >= 0 by construction** (after
+      Relu; MaxPool, Flatten, LRN ... of such a tensor). For every value that int8 symmetric does
+      not saturate (``x < 127.5 * scale``) uint8 gives the same integer (0..127) and the same
+      dequantized value; above it, int8 clips at ``127 * scale`` and uint8 at ``255 * scale``,
+      so uint8 is never further from the float value (``tests/test_quantize.py`` checks both
+      claims). It lets ONNX Runtime drop the Relu and run its u8s8 VNNI / AMX kernels. (On AVX2
+      CPUs *without* VNNI, MLAS's u8s8 path can saturate int16 pair sums for inputs above 127, as
+      ONNX Runtime's quantization docs warn; this module targets VNNI-class CPUs.)
+    * the Q that feeds a layer moves *up* through MaxPool / Flatten to the Relu of the Conv that
+      produced it, with a Q/DQ pair of that same scale around each op on the way. Rounding
+      commutes with max and with reshapes, so the layer sees exactly the values of the TensorRT
+      placement, while the producing Conv + Relu now ends in a Q and fuses, and the pooling runs
+      on 8-bit data. From a float producer (an LRN) the Q stays below the MaxPool: ONNX Runtime
+      runs an NCHW uint8 MaxPool several times slower than its blocked float one.
+    * a quantized Conv whose output still feeds float ops (conv1 / conv2 into LRN) gets a Q/DQ on
+      its Relu output at that tensor's own calibrated scale: the one extra rounding this placement
+      adds over TensorRT's, and the price of an integer conv1 / conv2.
+    * biases become int32 at ``scale = activation scale x weight scale`` (what ``QLinearConv`` /
+      ``QGemm`` take; a float bias keeps ONNX Runtime from fusing fc8, whose output is float).
+    * LRN stays float in any form (native ``LRN``, or element-wise with a window-sum Conv, which
+      :func:`weighted_layers` leaves out).
+
+FP16 (:func:`to_fp16`)
+----------------------
+Every float tensor and weight becomes float16, with a Cast after each graph input and before each
+graph output so callers still feed and read float32 (``keep_io_types``). LRN blocks and Softmax
+stay float32 between casts. The LRN squares its input: ``x * x`` overflows float16 (max 65504)
+once ``|x| > 256``, and a trained AlexNet's conv1 ReLU outputs reach a few hundred, so a float16
+LRN returns 0 or NaN exactly on the strongest activations (``tests/test_quantize.py`` scales
+conv1 past that point and checks that the FP16 graph stays finite and close to FP32).
+Pre-scaling ``x`` by ``sqrt(alpha/size)`` before squaring (``rewrite.lrn_for_onnxruntime(...,
+prescale=True)``) keeps the square finite, but costs a pass and still rounds
+``k + alpha * sum(x^2)`` to float16 spacing (2**-9 near k = 2). The blocks are a handful of
+element-wise ops on the two largest feature maps, so running them in float32 costs two casts
+each and is exact; TensorRT runs a float32 LRN layer between FP16 layers as readily.
+
+Mixed precision (:func:`choose_fp32_layers`)
+---------------------------------------------
+Measures on calibration images, on ONNX Runtime, what each layer's INT8 costs in top-1 (alone,
+and as the gain of keeping it FP32 while the rest is INT8), then keeps the costliest layers in
+FP32 until the measured drop fits the budget. ``keep_fp32`` in :func:`to_int8` is the mechanism.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections import defaultdict
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import TYPE_CHECKING, Any, Literal
+
+import numpy as np
+
+from alexnet_deploy.errors import UserError
+
+if TYPE_CHECKING:
+    import onnx
+
+Target = Literal["tensorrt", "cpu"]
+TARGETS = ("tensorrt", "cpu")
+
+# Ops whose weight (input 1) is quantized. Only Conv and Gemm: the export writes every FC layer as
+# Gemm, and a MatMul there is the adaptive average pool's constant bin-averaging map.
+WEIGHTED_OPS = ("Conv", "Gemm")
+# Ops that only select or move values: rounding commutes with them, and ONNX Runtime runs them on
+# the 8-bit tensor when a DQ / Q pair of one scale surrounds them (its DropQDQNodes rules).
+PASSTHROUGH_OPS = ("MaxPool", "Flatten", "Reshape")
+# Output >= 0 whatever the input.
+_NONNEG_SOURCES = ("Relu", "Sqrt", "Exp", "Sigmoid", "Softmax", "Abs")
+# Output >= 0 when the first input is.
+_NONNEG_PRESERVING = ("MaxPool", "Flatten", "Reshape", "LRN", "AveragePool", "GlobalAveragePool",
+                      "GlobalMaxPool", "Split", "Transpose", "Squeeze", "Unsqueeze", "Identity",
+                      "Reciprocal", "Cast")
+# Output >= 0 when every input is (weights and biases included).
+_NONNEG_ALL_INPUTS = ("Mul", "Div", "Add", "Concat", "Max", "Min", "Sum", "Conv", "Gemm",
+                      "MatMul", "Pow")
+FP32_ISLAND_OPS = ("LRN", "Softmax", "LogSoftmax")
+MIN_QDQ_OPSET = 13  # per-channel DequantizeLinear (the axis attribute)
+INT8_MAX = 127
+_MAX_LRN_REGION = 32  # nodes; a larger "region" is not an LRN block
+_LRN_GEMM_MAX_CHANNELS = 64  # channels-last LRN: banded Gemm window up to this tower width
+META_PREFIX = "alexnet_deploy."
+
+
+# ---------------------------------------------------------------------------------------------
+# graph helpers
+
+
+def _producers(graph: onnx.GraphProto) -> dict[str, onnx.NodeProto]:
+    return {out: node for node in graph.node for out in node.output if out}
+
+
+def _consumers(graph: onnx.GraphProto) -> dict[str, list[onnx.NodeProto]]:
+    found: dict[str, list] = defaultdict(list)
+    for node in graph.node:
+        for name in dict.fromkeys(node.input):
+            if name:
+                found[name].append(node)
+    return found
+
+
+def _initializers(graph: onnx.GraphProto) -> dict[str, onnx.TensorProto]:
+    return {t.name: t for t in graph.initializer}
+
+
+def node_label(node: onnx.NodeProto) -> str:
+    """A node's name, or its first output's name when it has none."""
+    return node.name or node.output[0]
+
+
+def opset_version(model: onnx.ModelProto) -> int:
+    """The version of the default ONNX domain the model imports."""
+    for entry in model.opset_import:
+        if entry.domain in ("", "ai.onnx"):
+            return entry.version
+    raise UserError("the model imports no default ONNX opset: re-export it")
+
+
+def _toposort(graph: onnx.GraphProto) -> None:
+    """Reorder ``graph.node`` topologically in place (new nodes were appended at the end)."""
+    import onnx
+
+    available = {i.name for i in graph.input} | {t.name for t in graph.initializer} | {""}
+    pending = []
+    for node in graph.node:
+        copy = onnx.NodeProto()
+        copy.CopyFrom(node)
+        pending.append(copy)
+    ordered = []
+    while pending:
+        rest = []
+        for node in pending:
+            if all(name in available for name in node.input):
+                ordered.append(node)
+                available.update(node.output)
+            else:
+                rest.append(node)
+        if len(rest) == len(pending):
+            missing = sorted({n for node in rest for n in node.input if n not in available})
+            raise UserError(f"graph rewrite left inputs without producers: {missing[:5]}")
+        pending = rest
+    del graph.node[:]
+    graph.node.extend(ordered)
+
+
+def _set_meta(model: onnx.ModelProto, key: str, value: Any) -> None:
+    full, text = META_PREFIX + key, json.dumps(value)
+    for entry in model.metadata_props:
+        if entry.key == full:
+            entry.value = text
+            return
+    entry = model.metadata_props.add()
+    entry.key, entry.value = full, text
+
+
+def _copy(model: onnx.ModelProto) -> onnx.ModelProto:
+    import onnx
+
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    return out
+
+
+def _is_square(node: onnx.NodeProto, inits: Mapping[str, Any]) -> bool:
+    """``Mul(x, x)`` or ``Pow(x, 2)``: how an element-wise LRN starts."""
+    if node.op_type == "Mul" and len(node.input) == 2 and node.input[0] == node.input[1]:
+        return True
+    if node.op_type == "Pow" and len(node.input) == 2 and node.input[1] in inits:
+        from onnx import numpy_helper
+
+        exponent = numpy_helper.to_array(inits[node.input[1]])
+        return exponent.size == 1 and float(exponent.reshape(())) == 2.0
+    return False
+
+
+def lrn_regions(model: onnx.ModelProto) -> list[set[str]]:
+    """Node labels of every LRN block: a native ``LRN`` node, or the element-wise form.
+
+    The element-wise form starts at a square of ``x`` (``Mul(x, x)`` / ``Pow(x, 2)``) and ends at
+    the first node that reads ``x`` again (the final multiply or divide); the region is every node
+    on a path between them, window-sum Conv included. Backend rewrites may lay the block out as
+    they like (NCHW or NHWC, Conv or MatMul window, Pow or Sqrt); this finds it by structure.
+    """
+    graph = model.graph
+    inits = _initializers(graph)
+    consumers = _consumers(graph)
+    regions = [set(block.nodes) for block in native_lrn_blocks(model)]
+    for node in graph.node:
+        if node.op_type == "LRN":
+            continue
+        if not _is_square(node, inits):
+            continue
+        x = node.input[0]
+        region, frontier, closed = {node_label(node)}, list(node.output), False
+        while frontier and len(region) <= _MAX_LRN_REGION:
+            for consumer in consumers.get(frontier.pop(), []):
+                label = node_label(consumer)
+                if label in region:
+                    continue
+                region.add(label)
+                if x in consumer.input:
+                    closed = True  # the final multiply / divide by x closes the block
+                else:
+                    frontier.extend(consumer.output)
+        if closed and len(region) <= _MAX_LRN_REGION:
+            regions.append(region)
+    return regions
+
+
+@dataclass(frozen=True)
+class NativeLRNBlock:
+    """Native LRN applied per channel group: ``Split(axis=1) -> LRN per group -> Concat(axis=1)``
+    (the canonical export's per-tower form), or a lone ``LRN`` (one group)."""
+
+    x: str
+    output: str
+    nodes: tuple[str, ...]  # labels, first to last
+    groups: int
+    size: int
+    alpha: float  # as ONNX's LRN attribute (divided by size in the formula)
+    beta: float
+    bias: float
+
+
+def native_lrn_blocks(model: onnx.ModelProto) -> list[NativeLRNBlock]:
+    """The native LRN blocks of ``model``, in graph order."""
+    from onnx import helper
+
+    graph = model.graph
+    producers, consumers = _producers(graph), _consumers(graph)
+
+    def params(node) -> tuple[int, float, float, float]:
+        a = {x.name: helper.get_attribute_value(x) for x in node.attribute}
+        return (int(a["size"]), float(a.get("alpha", 1e-4)), float(a.get("beta", 0.75)),
+                float(a.get("bias", 1.0)))
+
+    blocks, grouped = [], set()
+    for concat in graph.node:
+        if concat.op_type != "Concat" or any(a.name == "axis" and a.i != 1
+                                             for a in concat.attribute):
+            continue
+        lrns = [producers.get(i) for i in concat.input]
+        if len(lrns) < 2 or any(n is None or n.op_type != "LRN" for n in lrns):
+            continue
+        split = producers.get(lrns[0].input[0])
+        if (split is None or split.op_type != "Split"
+                or any(a.name == "axis" and a.i != 1 for a in split.attribute)
+                or [n.input[0] for n in lrns] != list(split.output)
+                or len({params(n) for n in lrns}) != 1
+                or any(len(consumers.get(o, [])) != 1 for n in [split, *lrns] for o in n.output)):
+            continue
+        blocks.append(NativeLRNBlock(split.input[0], concat.output[0],
+                                     tuple(node_label(n) for n in [split, *lrns, concat]),
+                                     len(lrns), *params(lrns[0])))
+        grouped.update(node_label(n) for n in lrns)
+    for node in graph.node:
+        if node.op_type == "LRN" and node_label(node) not in grouped:
+            blocks.append(NativeLRNBlock(node.input[0], node.output[0], (node_label(node),), 1,
+                                         *params(node)))
+    return blocks
+
+
+def _lrn_nodes(model: onnx.ModelProto) -> set[str]:
+    return {label for region in lrn_regions(model) for label in region}
+
+
+@dataclass(frozen=True)
+class WeightedLayer:
+    """A Conv or Gemm with a constant weight: a layer INT8 can quantize."""
+
+    name: str
+    op_type: str
+    activation: str  # the input tensor that carries activations
+    weight: str  # the weight initializer
+    bias: str | None  # the bias initializer, if any
+    channel_axis: int  # axis of the weight that indexes output channels
+
+
+def weighted_layers(model: onnx.ModelProto) -> list[WeightedLayer]:
+    """The layers INT8 can quantize (``conv1`` .. ``fc8``), in graph order.
+
+    A Conv or Gemm whose weight is an initializer, except the window-sum Conv of an element-wise
+    LRN (it stays float).
+    """
+    graph = model.graph
+    inits = _initializers(graph)
+    skip = _lrn_nodes(model)
+    layers = []
+    for node in graph.node:
+        if node.op_type not in WEIGHTED_OPS or len(node.input) < 2:
+            continue
+        if node.input[1] not in inits or node_label(node) in skip:
+            continue
+        attrs = {a.name: a.i for a in node.attribute}
+        if node.op_type == "Gemm" and attrs.get("transA", 0):
+            continue  # activations transposed: not an FC layer
+        axis = 1 if node.op_type == "Gemm" and not attrs.get("transB", 0) else 0
+        bias = node.input[2] if len(node.input) > 2 and node.input[2] in inits else None
+        layers.append(WeightedLayer(node_label(node), node.op_type, node.input[0], node.input[1],
+                                    bias, axis))
+    return layers
+
+
+def nonnegative_tensors(model: onnx.ModelProto) -> set[str]:
+    """Tensors that are >= 0 for every input, proved from the graph's structure (never data)."""
+    from onnx import numpy_helper
+
+    graph = model.graph
+    inits = _initializers(graph)
+    nonneg = {name for name, t in inits.items()
+              if t.data_type in (1, 10, 11) and bool(np.all(numpy_helper.to_array(t) >= 0))}
+    for node in graph.node:  # graph order is topological
+        op, ins = node.op_type, [i for i in node.input if i]
+        if op in _NONNEG_SOURCES or _is_square(node, inits):
+            ok = True
+        elif op in ("Reshape", "Pow"):
+            ok = bool(ins) and ins[0] in nonneg  # shape / exponent inputs do not matter
+        elif op in _NONNEG_PRESERVING:
+            ok = bool(ins) and ins[0] in nonneg
+        elif op in _NONNEG_ALL_INPUTS:
+            ok = bool(ins) and all(i in nonneg for i in ins)
+        else:
+            ok = False
+        if ok:
+            nonneg.update(o for o in node.output if o)
+    return nonneg
+
+
+# ---------------------------------------------------------------------------------------------
+# INT8
+
+
+def _amax_table(calibration: Any) -> Mapping[str, float]:
+    """``calibration.amax`` of a :class:`~alexnet_deploy.calibrate.Calibration`, or a mapping."""
+    table = getattr(calibration, "amax", calibration)
+    if not isinstance(table, Mapping):
+        raise UserError("calibration must be a Calibration (from load_calibration) or a "
+                        "{tensor name: amax} mapping")
+    return table
+
+
+def activation_scale(amax: float) -> float:
+    """Per-tensor activation scale ``amax / 127``, rounded to float32 as it is stored."""
+    amax = float(amax)
+    if not (np.isfinite(amax) and amax > 0):
+        raise UserError(f"activation amax must be finite and > 0, got {amax}: re-run calibrate")
+    return float(np.float32(amax / INT8_MAX))
+
+
+def quantize_weight(weight: np.ndarray, channel_axis: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Symmetric per-channel int8: ``(q, scale)``, ``scale = max|w| / 127`` per channel.
+
+    ``q`` is int8 in -127..127 with ``weight``'s shape; ``scale`` is float32, one per channel. A
+    channel of zeros gets scale 1 (any scale represents it exactly).
+    """
+    w = np.asarray(weight, np.float32)
+    axes = tuple(i for i in range(w.ndim) if i != channel_axis)
+    amax = np.abs(w).max(axis=axes)
+    scale = np.where(amax > 0, amax / INT8_MAX, 1.0).astype(np.float32)
+    shape = [1] * w.ndim
+    shape[channel_axis] = -1
+    q = np.clip(np.rint(w / scale.reshape(shape)), -INT8_MAX, INT8_MAX).astype(np.int8)
+    return q, scale
+
+
+def quantize_bias(bias: np.ndarray, scale: np.ndarray) -> np.ndarray | None:
+    """``bias`` as int32 at ``scale`` (activation scale x per-channel weight scale); None when it
+    is not 1-D per channel or would overflow int32 (then it stays float)."""
+    scale = np.asarray(scale, np.float32)
+    if bias.ndim != 1 or bias.shape != scale.shape:
+        return None
+    q = np.rint(bias.astype(np.float64) / scale.astype(np.float64))
+    if np.any(np.abs(q) > np.iinfo(np.int32).max):
+        return None
+    return q.astype(np.int32)
+
+
+@dataclass
+class TensorQuant:
+    """How one activation tensor is quantized, and which nodes read its dequantized form."""
+
+    tensor: str
+    scale: float
+    unsigned: bool
+    readers: set[str] = field(default_factory=set)
+    reason: str = ""
+
+    @property
+    def dtype(self) -> str:
+        return "uint8" if self.unsigned else "int8"
+
+
+@dataclass
+class Int8Plan:
+    """Where :func:`to_int8` puts Q/DQ pairs (see :func:`int8_plan`)."""
+
+    target: str
+    quantized_layers: list[str]
+    fp32_layers: list[str]
+    activations: dict[str, TensorQuant]
+    calibrated: list[str]  # tensors whose amax the plan reads, in order
+
+    def layer_precision(self) -> dict[str, str]:
+        """``{layer: "int8" | "fp32"}`` in graph order."""
+        order = self.quantized_layers + self.fp32_layers
+        return {name: ("int8" if name in self.quantized_layers else "fp32") for name in order}
+
+    def describe(self) -> list[dict]:
+        """One row per quantized activation tensor (reports, sidecars)."""
+        return [{"tensor": q.tensor, "dtype": q.dtype, "scale": q.scale,
+                 "read_by": sorted(q.readers), "why": q.reason}
+                for q in self.activations.values()]
+
+
+class _EveryAmax(dict):
+    """An amax table holding every tensor (lets :func:`required_activations` plan without one)."""
+
+    def __contains__(self, key: object) -> bool:
+        return True
+
+    def __getitem__(self, key: str) -> float:
+        return 1.0
+
+
+def required_activations(model: onnx.ModelProto, target: Target = "cpu",
+                         keep_fp32: Iterable[str] = ()) -> list[str]:
+    """The tensors whose ``amax`` :func:`to_int8` reads for this model, target and mix.
+
+    The inputs of every quantized Conv / Gemm, plus for ``target="cpu"`` the output (after its
+    Relu) of each quantized Conv that feeds float ops (``relu1`` and ``relu2``, into the LRNs).
+    """
+    return _plan_int8(model, _EveryAmax(), target, keep_fp32).calibrated
+
+
+def _ends_quantized_conv(tensor: str, producers: Mapping[str, Any],
+                         consumers: Mapping[str, list], convs: set[str]) -> bool:
+    """``tensor`` is the output of a quantized Conv, directly or through its own Relu."""
+    node = producers.get(tensor)
+    if node is not None and node.op_type == "Relu" and len(consumers.get(node.input[0], [])) == 1:
+        node = producers.get(node.input[0])
+    return node is not None and node.op_type == "Conv" and node_label(node) in convs
+
+
+def _plan_int8(model: onnx.ModelProto, amax: Mapping[str, float], target: str,
+               keep_fp32: Iterable[str]) -> Int8Plan:
+    if target not in TARGETS:
+        raise UserError(f"unknown INT8 target {target!r}: choose one of {', '.join(TARGETS)}")
+    graph = model.graph
+    layers = weighted_layers(model)
+    if not layers:
+        raise UserError("the model has no float Conv / Gemm layers to quantize (is it already "
+                        "quantized?): pass the FP32 export")
+    names = [layer.name for layer in layers]
+    keep = set(keep_fp32)
+    unknown = sorted(keep - set(names))
+    if unknown:
+        raise UserError(f"cannot keep {unknown} in FP32: the model's layers are "
+                        f"{', '.join(names)}")
+    quantized = [layer for layer in layers if layer.name not in keep]
+    producers, consumers = _producers(graph), _consumers(graph)
+    cpu = target == "cpu"
+    nonneg = nonnegative_tensors(model) if cpu else set()
+    convs = {layer.name for layer in quantized if layer.op_type == "Conv"}
+    graph_outputs = {o.name for o in graph.output}
+    plan: dict[str, TensorQuant] = {}
+    calibrated: list[str] = []
+
+    def scale_of(tensor: str, why: str) -> float:
+        if tensor not in calibrated:
+            calibrated.append(tensor)
+        if tensor not in amax:
+            needed = required_activations(model, target, keep)
+            missing = [t for t in needed if t not in amax]
+            raise UserError(f"the calibration has no amax for tensor {tensor!r} ({why}); INT8 "
+                            f"for target {target} also lacks {missing}: re-run "
+                            "'alexnet-deploy calibrate' on this model")
+        return activation_scale(amax[tensor])
+
+    def add(tensor: str, scale: float, reader: str, reason: str) -> None:
+        if tensor not in plan:
+            plan[tensor] = TensorQuant(tensor, scale, tensor in nonneg, set(), reason)
+        plan[tensor].readers.add(reader)
+
+    for layer in quantized:
+        scale = scale_of(layer.activation, f"input of {layer.name}")
+        add(layer.activation, scale, layer.name, "layer input")
+        if not cpu:
+            continue
+        # Walk up through MaxPool / Flatten while each tensor has this chain as its only reader.
+        chain, tensor = [], layer.activation
+        while True:
+            node = producers.get(tensor)
+            if (node is None or node.op_type not in PASSTHROUGH_OPS
+                    or len(consumers.get(tensor, [])) != 1 or tensor in graph_outputs):
+                break
+            source = node.input[0]
+            if len(consumers.get(source, [])) != 1 or source in graph_outputs:
+                break
+            chain.append((source, node))
+            tensor = source
+        if chain and _ends_quantized_conv(tensor, producers, consumers, convs):
+            for source, node in chain:
+                add(source, scale, node_label(node),
+                    f"{layer.name}'s input scale, moved up through {node.op_type}")
+
+    if cpu:  # a Conv fuses into QLinearConv only when its output (after Relu) is quantized
+        for layer in quantized:
+            if layer.op_type != "Conv":
+                continue  # QGemm may emit float
+            node = next(n for n in graph.node if node_label(n) == layer.name)
+            out = node.output[0]
+            after = consumers.get(out, [])
+            if len(after) == 1 and after[0].op_type == "Relu":
+                out = after[0].output[0]
+            if out in plan or out in graph_outputs or not consumers.get(out):
+                continue
+            scale = scale_of(out, f"output of {layer.name}, read by float ops")
+            for reader in consumers[out]:
+                add(out, scale, node_label(reader),
+                    f"output of {layer.name}, so that it runs as an integer kernel")
+    return Int8Plan(target, [layer.name for layer in quantized],
+                    [layer.name for layer in layers if layer.name in keep], plan, calibrated)
+
+
+def int8_plan(model: onnx.ModelProto, calibration: Any, target: Target = "tensorrt",
+              keep_fp32: Iterable[str] = ()) -> Int8Plan:
+    """The Q/DQ placement :func:`to_int8` applies, without rewriting anything (for reports)."""
+    return _plan_int8(model, _amax_table(calibration), target, keep_fp32)
+
+
+def to_int8(model: onnx.ModelProto, calibration: Any, target: Target = "tensorrt",
+            keep_fp32: Iterable[str] = ()) -> onnx.ModelProto:
+    """An INT8 copy of ``model``: Q/DQ pairs placed for ``target``, weights stored as int8.
+
+    Args:
+        model: a float32 model: the canonical export, or a backend rewrite of it (the tensor names
+            the calibration keys on must be kept). Not modified.
+        calibration: a :class:`~alexnet_deploy.calibrate.Calibration` (its ``amax`` table), or a
+            ``{tensor name: amax}`` mapping. Activation scale = amax / 127.
+        target: ``"tensorrt"`` (Q/DQ on the inputs of every Conv / Gemm) or ``"cpu"`` (the
+            placement ONNX Runtime and OpenVINO fuse into integer kernels). See the module
+            docstring. Defaults to ``"tensorrt"``.
+        keep_fp32: layers (``conv1`` .. ``fc8``) left in float32. Defaults to none.
+
+    Returns:
+        A new model with the same inputs, outputs and opset. Its ``metadata_props`` gain
+        ``alexnet_deploy.precision`` (``"int8"``), ``alexnet_deploy.int8_target`` and
+        ``alexnet_deploy.layer_precision`` (JSON ``{layer: "int8" | "fp32"}``).
+
+    Raises:
+        UserError: an opset below 13, an unknown target or layer name, no layer to quantize, or
+            a tensor the calibration does not cover.
+    """
+    from onnx import helper, numpy_helper
+
+    if opset_version(model) < MIN_QDQ_OPSET:
+        raise UserError(f"INT8 needs opset >= {MIN_QDQ_OPSET} (per-channel DequantizeLinear); "
+                        f"the model has opset {opset_version(model)}: re-export with --opset 13 "
+                        "or newer")
+    plan = _plan_int8(model, _amax_table(calibration), target, keep_fp32)
+    out = _copy(model)
+    graph = out.graph
+    inits = _initializers(graph)
+    by_label = {node_label(n): n for n in graph.node}
+    new_nodes, new_inits, replaced = [], [], set()
+
+    def dequantized(name: str, q: np.ndarray, scale: np.ndarray, axis: int | None,
+                    node_name: str) -> str:
+        zero = np.zeros(scale.shape, q.dtype)
+        new_inits.extend([numpy_helper.from_array(q, f"{name}_quantized"),
+                          numpy_helper.from_array(scale, f"{name}_scale"),
+                          numpy_helper.from_array(zero, f"{name}_zero_point")])
+        attrs = {} if axis is None else {"axis": axis}
+        new_nodes.append(helper.make_node(
+            "DequantizeLinear", [f"{name}_quantized", f"{name}_scale", f"{name}_zero_point"],
+            [f"{name}_dequantized"], name=node_name, **attrs))
+        replaced.add(name)
+        return f"{name}_dequantized"
+
+    for layer in weighted_layers(model):
+        if layer.name not in plan.quantized_layers:
+            continue
+        node = by_label[layer.name]
+        q, w_scale = quantize_weight(numpy_helper.to_array(inits[layer.weight]),
+                                     layer.channel_axis)
+        node.input[1] = dequantized(layer.weight, q, w_scale, layer.channel_axis,
+                                    f"{layer.name}/weight_dequantize")
+        if target == "cpu" and layer.bias is not None:
+            b_scale = (np.float32(plan.activations[layer.activation].scale) * w_scale)
+            b_scale = b_scale.astype(np.float32)
+            qb = quantize_bias(numpy_helper.to_array(inits[layer.bias]), b_scale)
+            if qb is not None:
+                node.input[2] = dequantized(layer.bias, qb, b_scale, 0,
+                                            f"{layer.name}/bias_dequantize")
+
+    for tensor, quant in plan.activations.items():
+        stem = tensor.replace("/", "_")
+        zp_type = np.uint8 if quant.unsigned else np.int8
+        scale_name, zp_name = f"{stem}_act_scale", f"{stem}_act_zero_point"
+        q_name, dq_name = f"{stem}_quantized", f"{stem}_dequantized"
+        new_inits.extend([numpy_helper.from_array(np.array(quant.scale, np.float32), scale_name),
+                          numpy_helper.from_array(np.array(0, zp_type), zp_name)])
+        new_nodes.extend([
+            helper.make_node("QuantizeLinear", [tensor, scale_name, zp_name], [q_name],
+                             name=f"{stem}/quantize"),
+            helper.make_node("DequantizeLinear", [q_name, scale_name, zp_name], [dq_name],
+                             name=f"{stem}/dequantize"),
+        ])
+        for reader in quant.readers:
+            node = by_label[reader]
+            for i, name in enumerate(node.input):
+                if name == tensor:
+                    node.input[i] = dq_name
+
+    still_read = {name for node in graph.node for name in node.input}
+    kept = [t for t in graph.initializer if t.name not in replaced or t.name in still_read]
+    del graph.initializer[:]
+    graph.initializer.extend(kept + new_inits)
+    graph.node.extend(new_nodes)
+    _toposort(graph)
+    del graph.value_info[:]  # stale element types; shape inference recomputes them
+    _set_meta(out, "precision", "int8")
+    _set_meta(out, "int8_target", target)
+    _set_meta(out, "layer_precision", plan.layer_precision())
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# LRN laid out for ONNX Runtime's integer kernels
+
+
+def lrn_channels_last(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Every native LRN block of ``model`` rewritten into an exact channels-last form for ONNX
+    Runtime's integer kernels (apply it to :func:`to_int8`'s ``target="cpu"`` graph).
+
+    ONNX Runtime runs ``QLinearConv`` and uint8 ``MaxPool`` in NHWC. Between conv1 / conv2 and
+    their pools sits the float LRN; written in NCHW (as :func:`alexnet_deploy.rewrite.
+    lrn_for_onnxruntime` writes it for FP32) it costs float NCHW <-> NHWC transposes, a float NCHW
+    MaxPool and three copies of the ``DequantizeLinear`` (ONNX Runtime gives every input edge its
+    own). Written channels-last, the transposes cancel against the integer convs' own and the pools
+    run as uint8 ``NhwcMaxPool``::
+
+        r  = Reshape(Transpose(q, NHWC), [-1, 1, C/groups])   one row per tower and pixel
+        x  = Cast(r, float)                                     the uint8 codes, 0..255
+        d  = Window(x * x) * alpha/size * s^2 + k               the in-tower window sum, in x = v/s
+        z  = Div(x, Sqrt(d) * Sqrt(Sqrt(d)))                    = LRN(v) / s   (beta = 0.75)
+        zq = QuantizeLinear(z, scale s_pool / s)                = the codes of LRN(v) at s_pool
+        pool = MaxPool(Transpose(Reshape(zq, NHWC), NCHW)) -> DequantizeLinear(s_pool) -> conv2
+
+    where ``q`` is the uint8 output of the conv's Q (scale ``s``), ``s_pool`` the scale of the
+    Q/DQ pair after the pool, and ``Window`` a banded ``Gemm`` for towers up to 64 channels wide
+    (lrn1: 48) or a 1-D ``Conv`` with ``size`` taps for wider ones (lrn2: 128); ONNX Runtime runs
+    the Gemm on both threads and the small convolution on one, so each wins on its side. Dequantizing by ``s`` is folded into the window taps and the output
+    scale, so the block reads the 8-bit tensor through one ``Cast``; rounding commutes with max,
+    so quantizing before the pool gives the pool's codes. The values are those of the Q/DQ graph
+    up to float rounding inside the LRN. A block whose input is not such a uint8 Q (its conv kept
+    in FP32) gets the same layout on its float input, and the pool keeps its Q/DQ.
+
+    Measured on the full-size model (``docs/results-quantize.md``), at ONNX Runtime's default
+    settings and with thread spinning off: the INT8 engine runs 1.5x / 2.2x its FP32 engine with
+    the NCHW form, 1.8x / 2.2x with the channels-last float form and ~2.5x with this one. The
+    FP32 graph is as fast in either layout. OpenVINO, whose native LRN is fast, should keep the
+    native block.
+
+    Args:
+        model: a graph with native LRN blocks (:func:`native_lrn_blocks`) whose input shapes are
+            known after shape inference. Not modified.
+
+    Raises:
+        UserError: an LRN input's shape is unknown or its channels do not split into groups.
+    """
+    import onnx
+    from onnx import helper, numpy_helper
+
+    blocks = native_lrn_blocks(model)
+    out = _copy(model)
+    if not blocks:
+        return out
+    shapes = _static_shapes(model, [b.x for b in blocks])
+    graph = out.graph
+    integer = {b.output: _integer_lrn_io(out, b) for b in blocks}
+    first = {b.nodes[0]: b for b in blocks}
+    remove = {label for b in blocks for label in b.nodes}
+    for io in integer.values():
+        if io is not None:
+            remove.update(io["remove"])
+    nodes, inits = [], []
+
+    def const(name: str, array: Any) -> str:
+        inits.append(numpy_helper.from_array(np.asarray(array), name))
+        return name
+
+    for node in graph.node:
+        label = node_label(node)
+        block = first.get(label)
+        if block is None:
+            if label not in remove:
+                copy = onnx.NodeProto()
+                copy.CopyFrom(node)
+                nodes.append(copy)
+            continue
+        _, c, h, w = shapes[block.x]
+        if c % block.groups:
+            raise UserError(f"LRN input {block.x!r} has {c} channels, not divisible into "
+                            f"{block.groups} groups")
+        io = integer[block.output]
+        stem = block.output
+
+        def add(op: str, inputs: list[str], suffix: str, stem: str = stem, **attrs: Any) -> str:
+            name = f"{stem}.{suffix}" if suffix else stem
+            nodes.append(helper.make_node(op, inputs, [name], name=name, **attrs))
+            return name
+
+        lo, per = (block.size - 1) // 2, c // block.groups
+        # window sum over each row: a banded Gemm for narrow towers (multithreaded, vectorized;
+        # per^2 MACs a row), a 1-D convolution for wide ones (size MACs, but single-threaded)
+        banded = per <= _LRN_GEMM_MAX_CHANNELS
+        t = add("Transpose", [io["codes"] if io else block.x], "nhwc", perm=[0, 2, 3, 1])
+        r = add("Reshape", [t, const(f"{stem}.rows_shape", np.array(
+            [-1, per] if banded else [-1, 1, per], np.int64))], "rows")
+        if io:
+            x = add("Cast", [r], "float", to=onnx.TensorProto.FLOAT)
+            sq = add("Mul", [x, x], "sq")
+            unit = io["scale"] ** 2
+        else:  # a float input read through a DQ: Pow has one input edge, so one DQ copy
+            x = r
+            sq = add("Pow", [r, const(f"{stem}.two", np.float32(2.0))], "sq")
+            unit = 1.0
+        tap = block.alpha / block.size * unit
+        if banded:  # column j sums rows j - lo .. j + size - 1 - lo
+            i, j = np.arange(per)[:, None], np.arange(per)[None, :]
+            band = ((i >= j - lo) & (i <= j + block.size - 1 - lo)).astype(np.float32) * tap
+            d = add("Gemm", [sq, const(f"{stem}.window.weight", band),
+                             const(f"{stem}.window.bias", np.full(per, block.bias, np.float32))],
+                    "window")
+        else:
+            d = add("Conv", [sq, const(f"{stem}.window.weight",
+                                       np.full((1, 1, block.size), tap, np.float32)),
+                             const(f"{stem}.window.bias", np.array([block.bias], np.float32))],
+                    "window", kernel_shape=[block.size], pads=[lo, block.size - 1 - lo])
+        if block.beta == 0.75:
+            root = add("Sqrt", [d], "sqrt")
+            p = add("Mul", [root, add("Sqrt", [root], "qrt")], "pow")
+        elif block.beta == 0.5:
+            p = add("Sqrt", [d], "pow")
+        else:
+            p = add("Pow", [d, const(f"{stem}.beta", np.float32(block.beta))], "pow")
+        y = add("Div", [x, p], "div")
+        if io:
+            y = add("QuantizeLinear", [y, const(f"{stem}.codes_scale",
+                                                np.float32(io["pool_scale"] / io["scale"])),
+                                       const(f"{stem}.codes_zero_point", np.uint8(0))], "quantize")
+        y = add("Reshape", [y, const(f"{stem}.nhwc_shape", np.array([-1, h, w, c], np.int64))],
+                "out_nhwc")
+        add("Transpose", [y], "", perm=[0, 3, 1, 2])
+        if io:  # the pool now reads codes and feeds the DequantizeLinear after its old Q
+            pool = onnx.NodeProto()
+            pool.CopyFrom(io["pool"])
+            pool.output[0] = io["pool_codes"]
+            nodes.append(pool)
+    del graph.node[:]
+    graph.node.extend(nodes)
+    graph.initializer.extend(inits)
+    _toposort(graph)
+    used = {i for n in graph.node for i in n.input}
+    kept = [t for t in graph.initializer if t.name in used]
+    del graph.initializer[:]
+    graph.initializer.extend(kept)
+    del graph.value_info[:]
+    _set_meta(out, "lrn_form", "channels_last")
+    return out
+
+
+def _integer_lrn_io(model: onnx.ModelProto, block: NativeLRNBlock) -> dict | None:
+    """For ``Q(s, uint8, 0) -> DQ -> [LRN block] -> MaxPool -> Q(s_pool, uint8, 0) -> DQ``, each
+    link the only reader of the one before: the codes tensor, ``s``, the pool, ``s_pool`` and the
+    nodes the integer form replaces. None for any other surrounding."""
+    from onnx import numpy_helper
+
+    graph = model.graph
+    producers, consumers = _producers(graph), _consumers(graph)
+    values = _initializers(graph)
+
+    def per_tensor_u8(node) -> float | None:
+        if len(node.input) < 3 or node.input[1] not in values or node.input[2] not in values:
+            return None
+        scale = numpy_helper.to_array(values[node.input[1]])
+        zero = numpy_helper.to_array(values[node.input[2]])
+        if scale.size != 1 or zero.dtype != np.uint8 or zero.size != 1 or int(zero) != 0:
+            return None
+        return float(scale.reshape(()))
+
+    dq = producers.get(block.x)
+    if dq is None or dq.op_type != "DequantizeLinear" or len(consumers.get(block.x, [])) != 1:
+        return None
+    q = producers.get(dq.input[0])
+    after = consumers.get(block.output, [])
+    if q is None or q.op_type != "QuantizeLinear" or len(after) != 1:
+        return None
+    pool = after[0]
+    pool_readers = consumers.get(pool.output[0], [])
+    if pool.op_type != "MaxPool" or len(pool_readers) != 1 or pool_readers[0].op_type != \
+            "QuantizeLinear":
+        return None
+    q_pool = pool_readers[0]
+    q_readers = consumers.get(q_pool.output[0], [])
+    if len(q_readers) != 1 or q_readers[0].op_type != "DequantizeLinear":
+        return None
+    scale, pool_scale = per_tensor_u8(dq), per_tensor_u8(q_pool)
+    if scale is None or pool_scale is None or per_tensor_u8(q) != scale or \
+            per_tensor_u8(q_readers[0]) != pool_scale:
+        return None
+    return {"codes": dq.input[0], "scale": scale, "pool": pool, "pool_scale": pool_scale,
+            "pool_codes": q_pool.output[0],
+            "remove": {node_label(dq), node_label(pool), node_label(q_pool)}}
+
+
+def _static_shapes(model: onnx.ModelProto, names: Sequence[str]) -> dict[str, list[int]]:
+    """Static 4-D shapes of ``names`` (batch may be symbolic: -1), by shape inference on a copy
+    whose large initializers are replaced by their dims (fast on the 244 MB model)."""
+    import onnx
+
+    known = {v.name: v for v in [*model.graph.value_info, *model.graph.input]}
+    if any(n not in known for n in names):
+        skeleton = onnx.ModelProto(ir_version=model.ir_version)
+        skeleton.opset_import.extend(model.opset_import)
+        graph = skeleton.graph
+        graph.node.extend(model.graph.node)
+        graph.input.extend(model.graph.input)
+        graph.output.extend(model.graph.output)
+        for t in model.graph.initializer:
+            if int(np.prod(t.dims)) > 4096:
+                t = onnx.TensorProto(name=t.name, dims=t.dims, data_type=t.data_type)
+            graph.initializer.append(t)
+        inferred = onnx.shape_inference.infer_shapes(skeleton).graph.value_info
+        known.update({v.name: v for v in inferred})
+    shapes = {}
+    for name in names:
+        dims = known[name].type.tensor_type.shape.dim if name in known else []
+        found = [d.dim_value if d.HasField("dim_value") else -1 for d in dims]
+        if len(found) != 4 or min(found[1:]) < 1:
+            raise UserError(f"LRN input {name!r} has no static [N, C, H, W] shape after shape "
+                            "inference: re-export the model")
+        shapes[name] = found
+    return shapes
+
+
+# ---------------------------------------------------------------------------------------------
+# FP16
+
+
+def to_fp16(model: onnx.ModelProto, keep_fp32_ops: Sequence[str] = FP32_ISLAND_OPS
+            ) -> onnx.ModelProto:
+    """An FP16 copy of ``model`` whose inputs and outputs stay float32 (``keep_io_types``).
+
+    Every float32 initializer, ``Constant`` and activation becomes float16; a Cast follows each
+    float32 graph input and precedes each float32 graph output. LRN blocks (native ``LRN`` and
+    the element-wise form, see :func:`lrn_regions`) and ops in ``keep_fp32_ops`` run in float32
+    between casts, with their constants in float32.
+
+    Args:
+        model: a float32 model. Not modified.
+        keep_fp32_ops: op types kept in float32. Defaults to LRN, Softmax, LogSoftmax.
+
+    Raises:
+        UserError: a weight does not fit float16 (``|w| > 65504``).
+    """
+    from onnx import TensorProto, helper, numpy_helper
+
+    f32, f16 = TensorProto.FLOAT, TensorProto.FLOAT16
+    out = _copy(model)
+    graph = out.graph
+    island = _lrn_nodes(out) | {node_label(n) for n in graph.node if n.op_type in keep_fp32_ops}
+    in_island = lambda node: node_label(node) in island
+    island_nodes = [n for n in graph.node if in_island(n)]
+    half_nodes = [n for n in graph.node if not in_island(n)]
+    island_reads = {i for n in island_nodes for i in n.input}
+    half_reads = {i for n in half_nodes for i in n.input}
+
+    # constants: float16 where half-precision nodes read them; float32 copies for islands
+    extra = []
+    for tensor in graph.initializer:
+        if tensor.data_type != f32:
+            continue
+        arr = numpy_helper.to_array(tensor)
+        if tensor.name in island_reads and tensor.name in half_reads:
+            extra.append(numpy_helper.from_array(arr, f"{tensor.name}_fp32"))
+            for node in island_nodes:
+                for i, name in enumerate(node.input):
+                    if name == tensor.name:
+                        node.input[i] = f"{tensor.name}_fp32"
+        elif tensor.name not in half_reads:
+            continue
+        finite = arr[np.isfinite(arr)]
+        if finite.size and np.abs(finite).max() > np.finfo(np.float16).max:
+            raise UserError(f"weight {tensor.name} does not fit float16 (|w| > 65504): build "
+                            "this model in FP32 or INT8")
+        tensor.CopyFrom(numpy_helper.from_array(arr.astype(np.float16), tensor.name))
+    graph.initializer.extend(extra)
+    for node in half_nodes:
+        for attr in node.attribute:
+            if node.op_type == "Cast" and attr.name == "to" and attr.i == f32:
+                attr.i = f16
+            elif node.op_type == "Constant" and attr.name == "value" and attr.t.data_type == f32:
+                attr.t.CopyFrom(numpy_helper.from_array(
+                    numpy_helper.to_array(attr.t).astype(np.float16), attr.t.name))
+
+    casts = []
+
+    def rewire(nodes: Iterable, old: str, new: str) -> None:
+        for node in nodes:
+            for i, name in enumerate(node.input):
+                if name == old:
+                    node.input[i] = new
+
+    float_inputs = [v.name for v in graph.input if v.type.tensor_type.elem_type == f32]
+    initializer_names = {t.name for t in graph.initializer}
+    for name in float_inputs:
+        if name in initializer_names:
+            continue
+        casts.append(helper.make_node("Cast", [name], [f"{name}_fp16"], name=f"{name}/to_fp16",
+                                      to=f16))
+        rewire(half_nodes, name, f"{name}_fp16")
+    graph_inputs = set(float_inputs)
+    island_outputs = {o for n in island_nodes for o in n.output}
+    for name in sorted(island_reads - island_outputs - initializer_names - {""}):
+        # activations entering an island: float16 tensors (or graph inputs, already float32)
+        if name in graph_inputs:
+            continue
+        casts.append(helper.make_node("Cast", [name], [f"{name}_fp32"], name=f"{name}/to_fp32",
+                                      to=f32))
+        rewire(island_nodes, name, f"{name}_fp32")
+    graph_outputs = {v.name for v in graph.output if v.type.tensor_type.elem_type == f32}
+    for name in sorted(island_outputs & half_reads):
+        casts.append(helper.make_node("Cast", [name], [f"{name}_fp16"], name=f"{name}/to_fp16",
+                                      to=f16))
+        rewire(half_nodes, name, f"{name}_fp16")
+    for name in sorted(graph_outputs - island_outputs):
+        inner = f"{name}_fp16"
+        for node in half_nodes:
+            for j, produced in enumerate(node.output):
+                if produced == name:
+                    node.output[j] = inner
+        rewire(graph.node, name, inner)
+        casts.append(helper.make_node("Cast", [inner], [name], name=f"{name}/to_fp32", to=f32))
+    graph.node.extend(casts)
+    _toposort(graph)
+    del graph.value_info[:]
+    _set_meta(out, "precision", "fp16")
+    _set_meta(out, "layer_precision", {layer.name: "fp16" for layer in weighted_layers(model)})
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# mixed precision by accuracy budget
+
+
+@dataclass
+class LayerReport:
+    """One layer's line in the mixed-precision report. Drops are top-1 percentage points."""
+
+    name: str
+    precision: str  # "int8" or "fp32"
+    drop_alone: float  # top-1 drop when only this layer is INT8
+    gain_if_fp32: float  # how much the all-INT8 drop shrinks when only this layer is FP32
+
+
+@dataclass
+class MixedPrecisionResult:
+    """What :func:`choose_fp32_layers` chose, and the measurements behind the choice."""
+
+    fp32_layers: list[str]
+    layers: list[LayerReport]
+    budget: float  # the allowed top-1 drop, percentage points
+    final_drop: float  # measured top-1 drop of the chosen mix
+    all_int8_drop: float  # measured top-1 drop with every layer INT8
+    measure: str  # "accuracy drop" (labels given) or "disagreement" (an upper bound on it)
+    num_images: int
+    target: str
+    seconds: float
+
+    @property
+    def fits(self) -> bool:
+        return self.final_drop <= self.budget
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def lines(self) -> list[str]:
+        """A human-readable table, one line per layer plus a summary."""
+        rows = [f"{'layer':8s} {'precision':9s} {'drop alone':>10s} {'gain if fp32':>12s}"]
+        rows += [f"{r.name:8s} {r.precision:9s} {r.drop_alone:10.2f} {r.gain_if_fp32:12.2f}"
+                 for r in self.layers]
+        rows.append(f"top-1 {self.measure}: all INT8 {self.all_int8_drop:.2f} points, chosen mix "
+                    f"{self.final_drop:.2f} (budget {self.budget:.2f}) on {self.num_images} "
+                    f"images")
+        return rows
+
+
+def top1_drop(reference_logits: np.ndarray, logits: np.ndarray,
+              labels: np.ndarray | None = None) -> float:
+    """Top-1 drop in percentage points: reference accuracy minus this accuracy when ``labels``
+    are given; otherwise the disagreement rate, which bounds any accuracy drop from above (every
+    prediction lost is a disagreement)."""
+    ref, got = reference_logits.argmax(1), logits.argmax(1)
+    if labels is None:
+        return 100.0 * float(np.mean(ref != got))
+    labels = np.asarray(labels)
+    return 100.0 * float(np.mean(ref == labels) - np.mean(got == labels))
+
+
+def ort_logits(model: onnx.ModelProto, images: np.ndarray, batch_size: int = 32,
+               threads: int | None = None) -> np.ndarray:
+    """Run ``model`` on ONNX Runtime's CPU provider over ``images`` (NCHW float32)."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    if threads:
+        options.intra_op_num_threads = threads
+    session = ort.InferenceSession(model.SerializeToString(), options,
+                                   providers=["CPUExecutionProvider"])
+    name = session.get_inputs()[0].name
+    return np.concatenate([session.run(None, {name: images[i:i + batch_size]})[0]
+                           for i in range(0, len(images), batch_size)])
+
+
+Runner = Callable[["onnx.ModelProto", np.ndarray], np.ndarray]
+
+
+def layer_sensitivity(model: onnx.ModelProto, calibration: Any, images: np.ndarray,
+                      target: Target = "cpu", labels: np.ndarray | None = None,
+                      run: Runner | None = None) -> dict[str, Any]:
+    """Per-layer INT8 cost on ``images``.
+
+    Returns a dict: ``reference`` (FP32 logits), ``all_int8`` (top-1 drop with every layer
+    INT8), ``alone`` (per layer: the drop when only it is INT8) and ``gain`` (per layer: how much
+    the all-INT8 drop shrinks when only it stays FP32). Drops as in :func:`top1_drop`.
+    ``run(model, images) -> logits`` defaults to ONNX Runtime on the CPU.
+    """
+    run = run or ort_logits
+    names = [layer.name for layer in weighted_layers(model)]
+    reference = run(model, images)
+    all_int8 = top1_drop(reference, run(to_int8(model, calibration, target), images), labels)
+    alone, gain = {}, {}
+    for name in names:
+        others = [n for n in names if n != name]
+        alone[name] = top1_drop(
+            reference, run(to_int8(model, calibration, target, others), images), labels)
+        gain[name] = all_int8 - top1_drop(
+            reference, run(to_int8(model, calibration, target, [name]), images), labels)
+    return {"reference": reference, "all_int8": all_int8, "alone": alone, "gain": gain}
+
+
+def choose_fp32_layers(model: onnx.ModelProto, calibration: Any, images: np.ndarray,
+                       max_top1_drop: float, target: Target = "cpu",
+                       labels: np.ndarray | None = None, run: Runner | None = None
+                       ) -> MixedPrecisionResult:
+    """Keep the layers that cost the most accuracy in FP32 until the top-1 drop fits the budget.
+
+    Measures :func:`layer_sensitivity`, then moves layers to FP32 one at a time, costliest first
+    (largest ``gain``, ties broken by the larger ``alone`` drop, then graph order), measuring the
+    mix after each, until its drop is at most ``max_top1_drop``. If nothing fits, every layer ends
+    in FP32 (drop 0 by construction).
+
+    Args:
+        model: the float32 model to quantize (as for :func:`to_int8`).
+        calibration: the activation amax table.
+        images: preprocessed float32 NCHW calibration images.
+        max_top1_drop: the budget in top-1 percentage points (``0.5`` = half a point), like
+            ``validate --max-top1-drop``.
+        target: the Q/DQ placement to measure. Defaults to ``"cpu"``.
+        labels: true classes of ``images``. Without them the drop is the top-1 disagreement with
+            FP32, an upper bound on any accuracy drop. Defaults to None.
+        run: ``run(model, images) -> logits``. Defaults to ONNX Runtime on the CPU.
+    """
+    if not max_top1_drop >= 0:
+        raise UserError(f"--max-top1-drop must be a number >= 0, got {max_top1_drop}")
+    if len(images) == 0:
+        raise UserError("the mixed-precision search needs calibration images, got none")
+    run = run or ort_logits
+    start = time.perf_counter()
+    sens = layer_sensitivity(model, calibration, images, target, labels, run)
+    alone, gain, reference = sens["alone"], sens["gain"], sens["reference"]
+    order = sorted(alone, key=lambda n: (-gain[n], -alone[n], list(alone).index(n)))
+    kept: list[str] = []
+    drop = sens["all_int8"]
+    for name in order:
+        if drop <= max_top1_drop:
+            break
+        kept.append(name)
+        if len(kept) == len(order):
+            drop = 0.0  # all FP32: the reference itself
+            break
+        drop = top1_drop(reference, run(to_int8(model, calibration, target, kept), images),
+                         labels)
+    layers = [LayerReport(n, "fp32" if n in kept else "int8", alone[n], gain[n]) for n in alone]
+    return MixedPrecisionResult(
+        fp32_layers=[n for n in alone if n in kept], layers=layers, budget=max_top1_drop,
+        final_drop=drop, all_int8_drop=sens["all_int8"],
+        measure="accuracy drop" if labels is not None else "disagreement",
+        num_images=len(images), target=target, seconds=time.perf_counter() - start)
