@@ -686,11 +686,10 @@ def lrn_channels_last(model: onnx.ModelProto) -> onnx.ModelProto:
     up to float rounding inside the LRN. A block whose input is not such a uint8 Q (its conv kept
     in FP32) gets the same layout on its float input, and the pool keeps its Q/DQ.
 
-    Measured on the full-size model (``docs/results-quantize.md``), at ONNX Runtime's default
-    settings and with thread spinning off: the INT8 engine runs 1.5x / 2.2x its FP32 engine with
-    the NCHW form, 1.8x / 2.2x with the channels-last float form and ~2.5x with this one. The
-    FP32 graph is as fast in either layout. OpenVINO, whose native LRN is fast, should keep the
-    native block.
+    Measured on the full-size model, batch 16, 2 threads (``docs/results-quantize.md``): the INT8
+    engine runs 1.2x its FP32 engine with the NCHW form and 2.0x with this one at ONNX Runtime's
+    default settings, 1.5x and 2.7x with thread spinning off. The FP32 graph is as fast in either
+    layout. OpenVINO, whose native LRN is fast, should keep the native block.
 
     Args:
         model: a graph with native LRN blocks (:func:`native_lrn_blocks`) whose input shapes are
