@@ -203,7 +203,7 @@ def lrn_for_onnxruntime(model: onnx.ModelProto, *, prescale: bool = False
     # shapes of the removed tensors (lrnK.t0 ...) would be stale; re-infer them all
     del out.graph.value_info[:]
     out.graph.value_info.extend(_inferred_value_info(out))
-    _append_rewrite(out, "lrn_for_onnxruntime" + ("(prescale)" if prescale else ""))
+    record_rewrite(out, "lrn_for_onnxruntime" + ("(prescale)" if prescale else ""))
     return out
 
 
@@ -239,7 +239,7 @@ def _inferred_value_info(model) -> list:
     return list(onnx.shape_inference.infer_shapes(skeleton).graph.value_info)
 
 
-def _append_rewrite(model, name: str) -> None:
+def record_rewrite(model, name: str) -> None:
     props = {p.key: p for p in model.metadata_props}
     if REWRITES_KEY in props:
         done = json.loads(props[REWRITES_KEY].value)

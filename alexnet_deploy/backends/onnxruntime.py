@@ -7,7 +7,8 @@ applied last it leaves Q/DQ placement and calibration keys alone):
 
 * FP32: the canonical graph.
 * INT8: :func:`alexnet_deploy.quantize.to_int8` with ``target="cpu"`` (Q/DQ placed where ONNX
-  Runtime fuses them into integer kernels).
+  Runtime fuses them into integer kernels), its LRN blocks then laid out channels-last by
+  :func:`alexnet_deploy.quantize.lrn_channels_last` instead of the NCHW rewrite.
 * FP16: :func:`alexnet_deploy.quantize.to_fp16`. ONNX Runtime's CPU provider has few FP16
   kernels: it runs an FP16 graph by inserting ``Cast`` nodes to FP32 around the ops it lacks, so
   an FP16 engine here checks FP16 accuracy; it is not faster than FP32.
@@ -48,6 +49,9 @@ def session_options(threads: int | None = None):
     options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     options.log_severity_level = 3  # errors only: no warnings on stderr for every session
+    # Idle worker threads sleep instead of spinning: on a 2-core machine shared with the caller's
+    # own threads, spinning cost the INT8 engine 30-40% (docs/results-quantize.md).
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     return options
 
 
@@ -96,6 +100,16 @@ class OnnxRuntimeBackend(Backend):
         return ort.__version__
 
     def rewrite_graph(self, graph: onnx.ModelProto) -> onnx.ModelProto:
+        # A quantized graph gets the channels-last LRN form: written NCHW, the float LRN between
+        # the integer convs and pools costs layout transposes and float pools (measured: INT8 at
+        # 1.2x FP32 with the NCHW form, 2.0x channels-last; docs/results-quantize.md).
+        if any(n.op_type == "QuantizeLinear" for n in graph.graph.node):
+            from alexnet_deploy.quantize import lrn_channels_last
+            from alexnet_deploy.rewrite import record_rewrite
+
+            rewritten = lrn_channels_last(graph)
+            record_rewrite(rewritten, "lrn_channels_last")
+            return rewritten
         from alexnet_deploy.rewrite import lrn_for_onnxruntime
 
         return lrn_for_onnxruntime(graph)
