@@ -212,9 +212,11 @@ def test_quantize_weight_is_symmetric_per_output_channel():
     np.testing.assert_array_equal(s2, scale)
 
 
-def test_activation_scale_is_amax_over_127_as_float32():
+def test_activation_scale_maps_amax_to_the_top_code_as_float32():
     assert Q.activation_scale(127.0) == 1.0
     assert Q.activation_scale(2.5) == float(np.float32(2.5 / 127))
+    assert Q.activation_scale(255.0, unsigned=True) == 1.0
+    assert Q.activation_scale(2.5, unsigned=True) == float(np.float32(2.5 / 255))
     for bad in (0.0, -1.0, float("nan"), float("inf")):
         with pytest.raises(UserError, match="amax"):
             Q.activation_scale(bad)
@@ -307,12 +309,13 @@ def test_cpu_placement_structure(small_model):
     assert all(values[n.input[2]] == 0 for n in quantized.values())
     # conv1 / conv2 end in a Q (their own Relu's calibrated scale) so they fuse
     for relu in ("relu1", "relu2"):
-        assert scale[relu] == np.float32(cal.amax[relu] / 127)
+        assert scale[relu] == np.float32(cal.amax[relu] / 255)  # uint8: all 256 codes
     # at 67 px an adaptive-pool MatMul pair sits between pool5 and flatten: relu5 gets its own
     # scale so conv5 fuses, flatten fc6's input scale (the 227 px chain: next test)
     assert producer_of(model, "flatten").input[0] == "avgpool"
-    assert scale["relu5"] == np.float32(cal.amax["relu5"] / 127)
-    assert scale["flatten"] == np.float32(cal.amax["flatten"] / 127)
+    assert scale["relu5"] == np.float32(cal.amax["relu5"] / 255)
+    assert scale["flatten"] == np.float32(cal.amax["flatten"] / 255)
+    assert scale["input"] == np.float32(cal.amax["input"] / 127)  # signed: symmetric int8
     # from a float producer (LRN) the Q stays below the MaxPool
     assert "lrn1" not in quantized and "pool1" in quantized
     # biases are int32 at activation x weight scale
@@ -352,7 +355,7 @@ def test_cpu_placement_moves_fc6_input_scale_up_to_relu5(model_227, tmp_path):
     values = inits(q)
     quantized = {n.input[0]: n for n in q.graph.node if n.op_type == "QuantizeLinear"}
     for t in ("relu5", "pool5", "flatten"):
-        assert float(values[quantized[t].input[1]]) == np.float32(cal.amax["flatten"] / 127)
+        assert float(values[quantized[t].input[1]]) == np.float32(cal.amax["flatten"] / 255)
         assert values[quantized[t].input[2]].dtype == np.uint8
     assert "relu5" not in Q.required_activations(model, "cpu")
     ops = optimized_ops(Q.lrn_channels_last(q), tmp_path)
