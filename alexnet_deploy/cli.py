@@ -49,7 +49,100 @@ def parse_csv(value: str, kind=str, name: str = "value") -> list:
 
 # ---- train / evaluate (stage 1) ----
 
+@cli.command()
+@click.option("--data", metavar="PATH",
+              help="Training images: an image folder (one sub-folder per class), an .npz or "
+                   "synthetic:train.  [default: the recipe's 'data']")
+@click.option("--val-data", metavar="PATH",
+              help="Validation images, evaluated after every epoch.  [default: the recipe's]")
+@click.option("--recipe", metavar="NAME_OR_FILE",
+              help="A recipe in train/ (paper, cifar10, imagenette, demo) or a .toml file; "
+                   "with --resume, the run's own.")
+@click.option("--devices", metavar="A,B",
+              help="Devices of tower 0 and tower 1: cpu,cpu  cuda:0,cuda:1  cuda:0,cuda:0.  "
+                   "[default: the recipe's, else cpu,cpu]")
+@click.option("--out", required=True, metavar="DIR",
+              help="Run folder: metrics.jsonl, last.pt, best.pt.")
+@click.option("--epochs", type=int, metavar="N", help="Total epochs (overrides the recipe).")
+@click.option("--resume", is_flag=True, help="Continue the run in --out from its last.pt.")
+@click.option("--lr", type=float, metavar="LR", help="Learning rate (overrides the recipe).")
+@click.option("--batch-size", type=int, metavar="B", help="Images per step (per process).")
+@click.option("--width-mult", type=float, metavar="W", help="Scale every layer's width.")
+@click.option("--image-size", type=int, metavar="PX", help="Model input side (the crop).")
+@click.option("--workers", type=int, metavar="N", help="Decode processes for image folders.")
+@click.option("--seed", type=int, metavar="N", help="Seed of weights, data order, augmentation.")
+@click.option("--amp/--no-amp", default=None, help="float16 autocast on CUDA.")
+@click.option("--threads", type=int, metavar="N",
+              help="CPU threads (1 is fastest on a machine busy with other work).")
+def train(data, val_data, recipe, devices, out, epochs, resume, lr, batch_size, width_mult,
+          image_size, workers, seed, amp, threads) -> None:
+    """Train AlexNet (two towers on --devices) and write DIR/{best,last}.pt."""
+    from alexnet_deploy import train as training
+
+    overrides = {"data": data, "val_data": val_data, "devices": devices, "epochs": epochs,
+                 "lr": lr, "batch_size": batch_size, "width_mult": width_mult,
+                 "image_size": image_size, "workers": workers, "seed": seed, "amp": amp}
+    if resume:
+        resolved = training.resume_recipe(out, overrides)
+    elif recipe is None:
+        raise UserError("--recipe is missing: name one of "
+                        f"{', '.join(training.available_recipes())} or a .toml file")
+    else:
+        resolved = training.load_recipe(recipe).replace(**overrides)
+    result = training.train(resolved, out, resume=resume, threads=threads)
+    click.echo(f"trained {result.epochs} epochs; best top-1 {result.best_top1:.4f}; "
+               f"checkpoints in {result.out}/")
+
+
+@cli.command()
+@click.option("--checkpoint", required=True, metavar="FILE", help="A .pt written by 'train'.")
+@click.option("--data", required=True, metavar="PATH",
+              help="Labelled images: an image folder, an .npz or synthetic:test.")
+@click.option("--json", "json_path", metavar="FILE",
+              help='Write {"top1", "top5", "num_images"} (fractions) as JSON.')
+@click.option("--ten-crop", is_flag=True, help="Average the softmax over ten crops.")
+@click.option("--batch-size", type=int, default=128, show_default=True, metavar="B",
+              help="Images per batch.")
+@click.option("--devices", metavar="A,B",
+              help="Run the two-tower model on these.  [default: the grouped form on CPU]")
+@click.option("--workers", type=int, metavar="N", help="Decode processes for image folders.")
+def evaluate(checkpoint, data, json_path, ten_crop, batch_size, devices, workers) -> None:
+    """Top-1 / top-5 accuracy of a checkpoint, through its own preprocessing spec."""
+    from alexnet_deploy.fileio import write_json_atomic
+    from alexnet_deploy.train import evaluate as run_evaluate
+
+    result = run_evaluate(checkpoint, data, ten_crop=ten_crop, batch_size=batch_size,
+                          devices=devices, workers=workers)
+    skipped = f" ({result.skipped_images} unreadable skipped)" if result.skipped_images else ""
+    click.echo(f"top1 {result.top1:.4f}  top5 {result.top5:.4f}  on {result.num_images} "
+               f"images{skipped}")
+    if json_path:
+        write_json_atomic(json_path, result.to_json())
+
+
 # ---- export (stage 2) ----
+
+@cli.command()
+@click.option("--checkpoint", metavar="FILE", help="A .pt written by 'alexnet-deploy train'.")
+@click.option("--torchvision-weights", metavar="FILE.pth",
+              help="Export a torchvision AlexNet state_dict instead of a checkpoint "
+                   "(224 px, torchvision preprocessing).")
+@click.option("--out", required=True, metavar="MODEL.onnx", help="The ONNX file to write.")
+@click.option("--opset", type=int, default=17, show_default=True, metavar="N",
+              help="ONNX opset (13 or newer: INT8 needs per-channel QuantizeLinear).")
+@click.option("--parity-data", metavar="PATH",
+              help="Real images for the parity check: an image folder, an .npz or "
+                   "synthetic:test.  [default: synthetic:test]")
+@click.option("--parity-images", type=int, default=32, show_default=True, metavar="N",
+              help="Images in the parity check.")
+def export(checkpoint, torchvision_weights, out, opset, parity_data, parity_images) -> None:
+    """Export the single-device model to ONNX, checked against PyTorch on real images."""
+    from alexnet_deploy.export import run_export
+
+    result = run_export(out, checkpoint=checkpoint, torchvision_weights=torchvision_weights,
+                        opset=opset, parity_data=parity_data, parity_images=parity_images)
+    click.echo(result.summary())
+
 
 # ---- calibrate (stage 3) ----
 
@@ -155,7 +248,80 @@ def validate(engine, reference, data, json_path, max_top1_drop, min_agreement, l
 
 # ---- bench (stage 6) ----
 
+@cli.command()
+@click.option("--engine", "engines", multiple=True, metavar="ENGINE",
+              help="Engine folder from 'alexnet-deploy build'. Repeat to compare engines: they "
+                   "are interleaved and compared with the first.")
+@click.option("--reference", metavar="CHECKPOINT",
+              help="Also bench the PyTorch reference model (eager FP32; on CUDA also FP16 "
+                   "autocast and torch.compile).")
+@click.option("--batch-sizes", default="1,8,32", show_default=True, metavar="B1,B2,...",
+              help="Batch sizes to measure.")
+@click.option("--duration", type=float, default=None, metavar="S",
+              help="Timed seconds per engine and batch size.  [default: 3]")
+@click.option("--iterations", type=int, default=None, metavar="N",
+              help="Timed calls per engine and batch size, instead of --duration.")
+@click.option("--warmup", type=float, default=1.0, show_default=True, metavar="S",
+              help="Untimed warm-up seconds per engine and batch size.")
+@click.option("--threads", type=int, default=None, metavar="N",
+              help="Threads for CPU backends (and the PyTorch reference on CPU).")
+@click.option("--data", metavar="PATH",
+              help="Images to bench with (folder, .npz, synthetic:SPLIT, or 'random').  "
+                   "[default: synthetic:test, else random N(0,1) data]")
+@click.option("--no-transfers", is_flag=True,
+              help="GPU engines: time compute only, without host-device copies.")
+@click.option("--cuda-graph", is_flag=True, help="GPU engines: replay a captured CUDA graph.")
+@click.option("--json", "json_path", metavar="FILE", help="Write the results as JSON.")
+@click.option("--report", "report_path", metavar="FILE.md",
+              help="Write a markdown report with PNG plots beside it.")
+def bench(engines, reference, batch_sizes, duration, iterations, warmup, threads, data,
+          no_transfers, cuda_graph, json_path, report_path) -> None:
+    """Measure latency (min/p50/p90/p95/p99/max) and throughput of engines, trtexec-style."""
+    from alexnet_deploy.bench import run_bench
+
+    run_bench(list(engines), reference=reference,
+              batch_sizes=parse_csv(batch_sizes, int, "--batch-sizes"), duration=duration,
+              iterations=iterations, warmup=warmup, threads=threads, data=data,
+              transfers=not no_transfers, cuda_graph=cuda_graph, json_path=json_path,
+              report_path=report_path, echo=click.echo,
+              warn=lambda msg: click.echo(f"warning: {msg}", err=True))
+
+
 # ---- demo (the whole pipeline) ----
+
+@cli.command()
+@click.option("--data", default="synthetic:train", show_default=True, metavar="PATH",
+              help="Training images: an image folder, an .npz or synthetic:train.")
+@click.option("--val-data", metavar="PATH",
+              help="Labelled validation images.  [default: synthetic:test, or --data itself]")
+@click.option("--devices", metavar="A,B",
+              help="Devices of the two towers.  [default: two GPUs if present, else cpu,cpu]")
+@click.option("--backend", default="auto", show_default=True,
+              type=click.Choice(["auto", "onnxruntime", "openvino", "tensorrt"]),
+              help="Engine backend (auto: TensorRT on a GPU, else OpenVINO if installed, "
+                   "else ONNX Runtime).")
+@click.option("--epochs", type=int, metavar="N", help="Override the demo recipe's epochs.")
+@click.option("--report-dir", default="demo-report", show_default=True, type=click.Path(),
+              help="Where report.md and its plots go.")
+@click.option("--bench-seconds", default=2.0, show_default=True, type=float,
+              help="Timed seconds per engine and batch size.")
+@click.option("--threads", type=int, metavar="N", help="CPU threads.  [default: all cores]")
+def demo(data, val_data, devices, backend, epochs, report_dir, bench_seconds, threads) -> None:
+    """Train -> export -> calibrate -> build FP32/FP16/INT8 -> validate -> bench -> report."""
+    from pathlib import Path
+
+    from alexnet_deploy.demo import DemoConfig, check_config, run_demo, summary_lines
+
+    cfg = DemoConfig(data=data, val_data=val_data, devices=devices, backend=backend,
+                     epochs=epochs, report_dir=Path(report_dir), bench_seconds=bench_seconds,
+                     threads=threads)
+    check_config(cfg)
+    result = run_demo(cfg, say=click.echo)
+    for line in summary_lines(result):
+        click.echo(line)
+    if not result.passed:
+        click.echo("error: an engine failed validation (see the table above)", err=True)
+        sys.exit(1)
 
 
 def main() -> None:

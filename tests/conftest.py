@@ -71,3 +71,4 @@ def small_model(tmp_path_factory) -> dict[str, Path]:
     calibrate(paths["onnx"], "synthetic:train", paths["calibration"], method="minmax",
               num_images=64, progress=False, say=lambda _: None)
     return paths
+
