@@ -90,18 +90,26 @@ def save_checkpoint(path: Path | str, *, model: torch.nn.Module, config: AlexNet
         torch.save(state, tmp)
 
 
+def load_torch_file(path: Path, what: str, *, missing: str, corrupt: str) -> Any:
+    """``torch.load(path, weights_only=True)`` on CPU; a one-line UserError naming ``what`` and
+    ``path`` when the file is missing (hint ``missing``) or unreadable (hint ``corrupt``)."""
+    if not path.is_file():
+        raise UserError(f"{what} {path} does not exist: {missing}")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except (RuntimeError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile, OSError,
+            ValueError) as e:
+        raise UserError(f"{what} {path} is corrupt or not a PyTorch file ({_first_line(e)}): "
+                        f"{corrupt}") from e
+
+
 def load_checkpoint(path: Path | str) -> Checkpoint:
     """Load and check a checkpoint; a UserError names the file and the problem otherwise."""
     path = Path(path)
-    if not path.is_file():
-        raise UserError(f"checkpoint {path} does not exist: pass the .pt file written by "
-                        "'alexnet-deploy train' (DIR/best.pt or DIR/last.pt)")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except (RuntimeError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile, OSError,
-            ValueError) as e:
-        raise UserError(f"checkpoint {path} is corrupt or not a PyTorch file ({_first_line(e)}): "
-                        "re-run training or pick another checkpoint") from e
+    state = load_torch_file(path, "checkpoint",
+                            missing="pass the .pt file written by 'alexnet-deploy train' "
+                                    "(DIR/best.pt or DIR/last.pt)",
+                            corrupt="re-run training or pick another checkpoint")
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise UserError(f"checkpoint {path} is not an alexnet-deploy checkpoint (no "
                         f"'format: {FORMAT}'); for torchvision weights use --torchvision-weights")

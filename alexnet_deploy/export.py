@@ -57,8 +57,6 @@ from this one graph by :mod:`alexnet_deploy.rewrite`.
 from __future__ import annotations
 
 import collections
-import pickle
-import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -136,16 +134,13 @@ def source_from_torchvision(path: Path | str) -> ExportSource:
     Its preprocessing is torchvision's: resize 256, center crop 224, ImageNet mean/std. Class
     names are the indices ``"0"`` .. ``"999"`` (no name list travels with torchvision weights).
     """
+    from alexnet_deploy.checkpoint import load_torch_file
+
     path = Path(path)
-    if not path.is_file():
-        raise UserError(f"torchvision weights {path} do not exist: pass a file written by "
-                        "torch.save(torchvision.models.alexnet(...).state_dict(), FILE)")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except (RuntimeError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile, OSError,
-            ValueError) as e:
-        raise UserError(f"torchvision weights {path} are corrupt or not a PyTorch file "
-                        f"({_first_line(e)})") from e
+    state = load_torch_file(path, "torchvision weights",
+                            missing="pass a file written by "
+                                    "torch.save(torchvision.models.alexnet(...).state_dict(), FILE)",
+                            corrupt="pass a torchvision AlexNet state_dict file")
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         hint = " (this looks like an alexnet-deploy checkpoint: use --checkpoint)" if (
             isinstance(state, dict) and "format" in state) else ""

@@ -370,7 +370,7 @@ BAD_CASES = {
                                  "ok"),
     "torchvision key misshaped": (["--torchvision-weights", "{misshaped}"],
                                   "features.3.weight has shape (192, 64, 3, 3)", "ok"),
-    "torchvision file missing": (["--torchvision-weights", "{dir}/nope.pth"], "do not exist",
+    "torchvision file missing": (["--torchvision-weights", "{dir}/nope.pth"], "does not exist",
                                  "ok"),
     "torchvision file is a checkpoint": (["--torchvision-weights", "{good}"], "--checkpoint",
                                          "ok"),
