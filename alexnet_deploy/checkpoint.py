@@ -32,8 +32,13 @@ import torch
 
 from alexnet_deploy.errors import UserError
 from alexnet_deploy.fileio import atomic_path, sha256_file
-from alexnet_deploy.model import (AlexNet, AlexNetConfig, AlexNetGrouped, build_model,
-                                  two_tower_to_grouped)
+from alexnet_deploy.model import (
+    AlexNet,
+    AlexNetConfig,
+    AlexNetGrouped,
+    build_model,
+    two_tower_to_grouped,
+)
 from alexnet_deploy.preprocess import PreprocessSpec
 
 FORMAT = "alexnet-deploy/checkpoint/1"

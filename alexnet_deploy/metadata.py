@@ -48,7 +48,7 @@ class ModelInfo:
         }
 
 
-def write_model_info(model: "onnx.ModelProto", info: ModelInfo) -> None:
+def write_model_info(model: onnx.ModelProto, info: ModelInfo) -> None:
     """Replace the model's ``alexnet_deploy.*`` metadata with ``info`` (in place)."""
     keep = [p for p in model.metadata_props if not p.key.startswith(PREFIX)]
     del model.metadata_props[:]
@@ -58,7 +58,7 @@ def write_model_info(model: "onnx.ModelProto", info: ModelInfo) -> None:
         entry.key, entry.value = key, value
 
 
-def read_model_info(model: "onnx.ModelProto | str | Path") -> ModelInfo:
+def read_model_info(model: onnx.ModelProto | str | Path) -> ModelInfo:
     """The :class:`ModelInfo` of an exported model (a ModelProto or a path to one)."""
     import onnx
 
@@ -82,7 +82,7 @@ def read_model_info(model: "onnx.ModelProto | str | Path") -> ModelInfo:
         raise UserError(f"{where} has malformed alexnet-deploy metadata ({e}): re-export it") from e
 
 
-def load_onnx(path: str | Path, load_weights: bool = True) -> "onnx.ModelProto":
+def load_onnx(path: str | Path, load_weights: bool = True) -> onnx.ModelProto:
     """Load an ONNX file; UserError naming the file if it is missing or not ONNX."""
     import onnx
     from google.protobuf.message import DecodeError

@@ -96,14 +96,14 @@ class AlexNetConfig:
     def widths(self) -> dict[str, int]:
         base = PAPER_WIDTHS if self.arch == "paper" else TORCHVISION_WIDTHS
         step = 2 * self.groups  # even per tower
-        return {k: max(step, int(round(v * self.width_mult / step)) * step)
+        return {k: max(step, round(v * self.width_mult / step) * step)
                 for k, v in base.items()}
 
     def to_dict(self) -> dict:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict) -> "AlexNetConfig":
+    def from_dict(cls, d: dict) -> AlexNetConfig:
         known = {"num_classes", "image_size", "width_mult", "dropout", "arch"}
         unknown = set(d) - known
         if unknown:
@@ -186,7 +186,7 @@ class AlexNet(nn.Module):
         self.devices = (torch.device("cpu"), torch.device("cpu"))
         self.place(devices)
 
-    def place(self, devices: Sequence[str | torch.device]) -> "AlexNet":
+    def place(self, devices: Sequence[str | torch.device]) -> AlexNet:
         """Move tower 0 (and fc8) to ``devices[0]`` and tower 1 to ``devices[1]``."""
         if len(devices) != 2:
             raise UserError(f"--devices needs two devices (A,B), got {list(devices)}")

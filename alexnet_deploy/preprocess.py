@@ -62,7 +62,7 @@ class PreprocessSpec:
             raise UserError("preprocessing spec: mean and std need three values, std > 0")
 
     @classmethod
-    def for_size(cls, crop: int) -> "PreprocessSpec":
+    def for_size(cls, crop: int) -> PreprocessSpec:
         """The default spec for a model of input side ``crop``: resize keeps the 256/227 ratio."""
         return cls(crop=crop, resize=max(crop, round(crop * 256 / 227)))
 
@@ -76,7 +76,7 @@ class PreprocessSpec:
         return json.dumps(self.to_dict(), sort_keys=True)
 
     @classmethod
-    def from_dict(cls, d: dict) -> "PreprocessSpec":
+    def from_dict(cls, d: dict) -> PreprocessSpec:
         known = {"crop", "resize", "mean", "std", "channel_order", "layout", "interpolation"}
         try:
             kwargs = {k: d[k] for k in known if k in d}
@@ -87,7 +87,7 @@ class PreprocessSpec:
             raise UserError(f"preprocessing spec is malformed ({e}): re-export the model") from e
 
     @classmethod
-    def from_json(cls, text: str) -> "PreprocessSpec":
+    def from_json(cls, text: str) -> PreprocessSpec:
         try:
             return cls.from_dict(json.loads(text))
         except json.JSONDecodeError as e:

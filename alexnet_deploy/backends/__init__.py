@@ -64,13 +64,13 @@ class Runner(ABC):
     @abstractmethod
     def input_metadata(self) -> InputMetadata: ...
 
-    def close(self) -> None:  # noqa: B027 - optional hook
+    def close(self) -> None:
         """Release device memory / sessions. Defaults to doing nothing."""
 
-    def __enter__(self) -> "Runner":
+    def __enter__(self) -> Runner:
         return self
 
-    def __exit__(self, *exc: Any) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.close()
 
 
@@ -89,7 +89,7 @@ class Backend(ABC):
     def version(self) -> str: ...
 
     @abstractmethod
-    def build(self, graph: "onnx.ModelProto", engine_dir: Path, *, max_batch: int = 64,
+    def build(self, graph: onnx.ModelProto, engine_dir: Path, *, max_batch: int = 64,
               threads: int | None = None) -> list[str]:
         """Write the engine artifact(s) into ``engine_dir``; return their file names."""
 
@@ -104,8 +104,8 @@ class Backend(ABC):
     #: backends run the dynamic-batch graph at any batch size
     fixed_batch_range: bool = False
 
-    def precision_graph(self, graph: "onnx.ModelProto", precision: str, calibration: Any = None,
-                        keep_fp32: tuple[str, ...] = ()) -> "onnx.ModelProto":
+    def precision_graph(self, graph: onnx.ModelProto, precision: str, calibration: Any = None,
+                        keep_fp32: tuple[str, ...] = ()) -> onnx.ModelProto:
         """The canonical export ``graph`` in ``precision``: ``fp32`` unchanged, ``fp16``
         :func:`~alexnet_deploy.quantize.to_fp16`, ``int8`` :func:`~alexnet_deploy.quantize.to_int8`
         with this backend's :attr:`qdq_target` and the ``keep_fp32`` layers left in FP32."""
@@ -118,7 +118,7 @@ class Backend(ABC):
                                     keep_fp32=tuple(keep_fp32))
         return graph
 
-    def rewrite_graph(self, graph: "onnx.ModelProto") -> "onnx.ModelProto":
+    def rewrite_graph(self, graph: onnx.ModelProto) -> onnx.ModelProto:
         """An exact, backend-specific rewrite applied last, to :meth:`precision_graph`'s result
         (e.g. a faster LRN form). Defaults to ``graph`` unchanged."""
         return graph

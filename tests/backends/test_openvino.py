@@ -19,7 +19,6 @@ from alexnet_deploy.build import build_engine
 from alexnet_deploy.engine import load_engine
 from alexnet_deploy.errors import UserError
 
-
 # Run in a pytest process of their own (Makefile `test`): OpenVINO 2026.4 objects in the same
 # process as the rest of the suite (torch, ONNX Runtime, gloo) crash the interpreter at shutdown
 # with SIGSEGV *after* every test passed (a freed small int in _PyRuntime: a refcount underflow
