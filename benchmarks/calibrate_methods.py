@@ -26,30 +26,44 @@ VARIANTS = (("minmax", {}), ("percentile", {}), ("mse", {}), ("entropy", {}),
             ("entropy", {"skip_zeros": False}))
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+def parse_args(description: str, argv: list[str] | None = None) -> argparse.Namespace:
+    """The options this script shares with ``int8_noise.py``."""
+    parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--checkpoint", required=True, type=Path)
     parser.add_argument("--data", default="synthetic:train", help="calibration images")
     parser.add_argument("--val-data", default="synthetic:test")
     parser.add_argument("--num-images", type=int, default=512)
     parser.add_argument("--json", type=Path)
-    args = parser.parse_args(argv)
+    return parser.parse_args(argv)
 
+
+def export_and_collect(args: argparse.Namespace):
+    """Export ``args.checkpoint`` to a temporary folder and collect the activation histograms of
+    ``args.num_images`` calibration images: ``(model, preprocessing spec, ActivationStats)``."""
     import onnx
 
     from alexnet_deploy import data as datasets
-    from alexnet_deploy.calibrate import ZERO_TENSOR_AMAX, collect_activations
-    from alexnet_deploy.calibrators import make_calibrator
+    from alexnet_deploy.calibrate import collect_activations
     from alexnet_deploy.export import export, source_from_checkpoint
-    from alexnet_deploy.quantize import ort_logits, to_int8
 
-    path = Path(tempfile.mkdtemp(prefix="calibrate-methods-")) / "model.onnx"
+    path = Path(tempfile.mkdtemp(prefix="alexnet-deploy-bench-")) / "model.onnx"
     source = source_from_checkpoint(args.checkpoint)
     export(source, path)
     model = onnx.load(str(path))
-    spec = source.preprocess
     stats = collect_activations(model, (b.images for b in datasets.iter_batches(
-        args.data, spec, 32, limit=args.num_images, seed=0)), total=args.num_images)
+        args.data, source.preprocess, 32, limit=args.num_images, seed=0)), total=args.num_images)
+    return model, source.preprocess, stats
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(__doc__.split("\n")[0], argv)
+
+    from alexnet_deploy import data as datasets
+    from alexnet_deploy.calibrate import ZERO_TENSOR_AMAX
+    from alexnet_deploy.calibrators import make_calibrator
+    from alexnet_deploy.quantize import ort_logits, to_int8
+
+    model, spec, stats = export_and_collect(args)
     val = list(datasets.iter_batches(args.val_data, spec, 100))
     images = np.concatenate([b.images for b in val])
     labels = np.concatenate([b.labels for b in val])

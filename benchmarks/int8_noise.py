@@ -20,12 +20,10 @@ names (``<tensor>/quantize``, ``<layer>/weight_dequantize``).
 
 from __future__ import annotations
 
-import argparse
 import json
-import tempfile
-from pathlib import Path
 
 import numpy as np
+from calibrate_methods import export_and_collect, parse_args  # this folder's script
 
 MARGINS = (0.01, 0.02, 0.05, 0.1, 0.2, 0.5)
 
@@ -59,29 +57,14 @@ def only_activations(qdq, keep: set[str]) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--checkpoint", required=True, type=Path)
-    parser.add_argument("--data", default="synthetic:train", help="calibration images")
-    parser.add_argument("--val-data", default="synthetic:test")
-    parser.add_argument("--num-images", type=int, default=512)
-    parser.add_argument("--json", type=Path)
-    args = parser.parse_args(argv)
-
-    import onnx
+    args = parse_args(__doc__.split("\n")[0], argv)
 
     from alexnet_deploy import data as datasets
-    from alexnet_deploy.calibrate import ZERO_TENSOR_AMAX, collect_activations
+    from alexnet_deploy.calibrate import ZERO_TENSOR_AMAX
     from alexnet_deploy.calibrators import make_calibrator
-    from alexnet_deploy.export import export, source_from_checkpoint
     from alexnet_deploy.quantize import ort_logits, to_int8
 
-    path = Path(tempfile.mkdtemp(prefix="int8-noise-")) / "model.onnx"
-    source = source_from_checkpoint(args.checkpoint)
-    export(source, path)
-    model = onnx.load(str(path))
-    spec = source.preprocess
-    stats = collect_activations(model, (b.images for b in datasets.iter_batches(
-        args.data, spec, 32, limit=args.num_images, seed=0)), total=args.num_images)
+    model, spec, stats = export_and_collect(args)
     entropy = make_calibrator("entropy")
     amax = {name: entropy(h) or ZERO_TENSOR_AMAX for name, h in stats.histograms.items()}
     images = np.concatenate([b.images for b in datasets.iter_batches(args.val_data, spec, 100)])
