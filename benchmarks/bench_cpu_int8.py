@@ -94,13 +94,8 @@ def build_models(work: Path, calib_images: int, say) -> dict:
     """Write every engine's graph under ``work``; return paths, calibration timings, notes."""
     import onnx
     import torch
-    from onnxruntime.quantization import (
-        CalibrationDataReader,
-        CalibrationMethod,
-        QuantFormat,
-        QuantType,
-        quantize_static,
-    )
+    from compare_quantize_static import run_quantize_static  # this folder's script
+    from onnxruntime.quantization import CalibrationMethod, QuantType
 
     from alexnet_deploy import quantize as Q
     from alexnet_deploy.calibrate import calibrate
@@ -151,26 +146,11 @@ def build_models(work: Path, calib_images: int, say) -> dict:
     images = np.concatenate([b.images for b in iter_batches(calib_data, spec, 32,
                                                             limit=calib_images, seed=0)])
 
-    class Reader(CalibrationDataReader):
-        def __init__(self) -> None:
-            self.i = 0
-
-        def get_next(self):
-            if self.i >= len(images):
-                return None
-            self.i += BATCH
-            return {"input": images[self.i - BATCH:self.i]}
-
     for tag, act in (("qs_s8", QuantType.QInt8), ("qs_u8", QuantType.QUInt8)):
         say(f"quantize_static ({act.name} activations, per-channel, entropy)")
         paths[tag] = work / f"{tag}.onnx"
-        t = time.perf_counter()
-        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
-            quantize_static(str(paths["canonical"]), str(paths[tag]), Reader(),
-                            quant_format=QuantFormat.QDQ, per_channel=True,
-                            activation_type=act, weight_type=QuantType.QInt8,
-                            calibrate_method=CalibrationMethod.Entropy)
-        timings[f"{tag}_quantize_static_s"] = time.perf_counter() - t
+        timings[f"{tag}_quantize_static_s"] = run_quantize_static(
+            paths["canonical"], paths[tag], images, act, CalibrationMethod.Entropy, batch=BATCH)
     return {"paths": paths, "timings": timings}
 
 

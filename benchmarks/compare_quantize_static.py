@@ -52,6 +52,36 @@ def run_ort(path_or_model, images: np.ndarray, batch: int = 64) -> np.ndarray:
                            for i in range(0, len(images), batch)])
 
 
+def run_quantize_static(src: Path, dst: Path, images: np.ndarray, activation_type,
+                        method, batch: int = 32) -> float:
+    """ONNX Runtime's ``quantize_static`` (QDQ, per-channel int8 weights) of ``src`` into ``dst``,
+    calibrated on ``images`` in batches of ``batch``, its console output hidden; returns seconds.
+    ``activation_type`` / ``method``: ``QuantType`` / ``CalibrationMethod`` members."""
+    from onnxruntime.quantization import (
+        CalibrationDataReader,
+        QuantFormat,
+        QuantType,
+        quantize_static,
+    )
+
+    class Reader(CalibrationDataReader):
+        def __init__(self) -> None:
+            self.i = 0
+
+        def get_next(self):
+            if self.i >= len(images):
+                return None
+            self.i += batch
+            return {"input": images[self.i - batch:self.i]}
+
+    t0 = time.perf_counter()
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+        quantize_static(str(src), str(dst), Reader(), quant_format=QuantFormat.QDQ,
+                        per_channel=True, activation_type=activation_type,
+                        weight_type=QuantType.QInt8, calibrate_method=method)
+    return time.perf_counter() - t0
+
+
 def metrics(logits: np.ndarray, reference: np.ndarray, labels: np.ndarray) -> dict:
     top5 = np.argsort(-logits, 1)[:, :5]
     return {"top1": float(np.mean(logits.argmax(1) == labels)),
@@ -76,13 +106,7 @@ def main(argv: list[str] | None = None) -> int:
     say = lambda m: print(m, file=sys.stderr, flush=True)
 
     import onnx
-    from onnxruntime.quantization import (
-        CalibrationDataReader,
-        CalibrationMethod,
-        QuantFormat,
-        QuantType,
-        quantize_static,
-    )
+    from onnxruntime.quantization import CalibrationMethod, QuantType
 
     from alexnet_deploy import quantize as Q
     from alexnet_deploy.calibrate import calibrate
@@ -116,29 +140,13 @@ def main(argv: list[str] | None = None) -> int:
             args.calib_data, spec, 32, limit=args.num_images, seed=0)])
         timing["decode_s"] = time.perf_counter() - t0
 
-        class Reader(CalibrationDataReader):
-            def __init__(self) -> None:
-                self.i = 0
-
-            def get_next(self):
-                if self.i >= len(images):
-                    return None
-                self.i += 32
-                return {"input": images[self.i - 32:self.i]}
-
         method = {"entropy": CalibrationMethod.Entropy, "minmax": CalibrationMethod.MinMax,
                   "percentile": CalibrationMethod.Percentile}[args.method]
         theirs = {}
         for tag, act in (("qint8", QuantType.QInt8), ("quint8", QuantType.QUInt8)):
-            out = work / f"qs_{tag}.onnx"
-            t0 = time.perf_counter()
-            with contextlib.redirect_stdout(io.StringIO()), \
-                    contextlib.redirect_stderr(io.StringIO()):
-                quantize_static(str(model_path), str(out), Reader(), quant_format=QuantFormat.QDQ,
-                                per_channel=True, activation_type=act,
-                                weight_type=QuantType.QInt8, calibrate_method=method)
-            timing[f"quantize_static_{tag}_s"] = time.perf_counter() - t0
-            theirs[tag] = out
+            theirs[tag] = work / f"qs_{tag}.onnx"
+            timing[f"quantize_static_{tag}_s"] = run_quantize_static(
+                model_path, theirs[tag], images, act, method)
 
         say("validating on held-out images")
         batches = list(iter_batches(args.val_data, spec, 64))

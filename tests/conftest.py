@@ -72,3 +72,21 @@ def small_model(tmp_path_factory) -> dict[str, Path]:
               num_images=64, progress=False, say=lambda _: None)
     return paths
 
+
+
+def build_every_precision(small_model: dict[str, Path], root: Path, backend: str) -> Path:
+    """FP32, FP16 and INT8 engines of ``small_model`` on ``backend``, in ``root/<precision>``."""
+    from alexnet_deploy.build import build_engine
+
+    for precision in ("fp32", "fp16", "int8"):
+        build_engine(small_model["onnx"], precision, root / precision, backend=backend,
+                     calibration=small_model["calibration"] if precision == "int8" else None)
+    return root
+
+
+def onnx_logits(model_path: Path, images):
+    """``model_path``'s logits for ``images`` on ONNX Runtime's CPU provider (the reference)."""
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(model_path), providers=["CPUExecutionProvider"])
+    return session.run(None, {"input": images})[0]

@@ -12,10 +12,10 @@ from onnx import TensorProto, helper
 
 from alexnet_deploy.backends import get_backend
 from alexnet_deploy.backends.onnxruntime import ARTIFACT, BACKEND, FP16_NOTE, session_options
-from alexnet_deploy.build import build_engine
 from alexnet_deploy.engine import load_engine
 from alexnet_deploy.errors import UserError
 from alexnet_deploy.rewrite import applied_rewrites
+from tests.conftest import build_every_precision, onnx_logits
 
 
 @pytest.fixture(scope="module")
@@ -31,16 +31,7 @@ def images():
 
 @pytest.fixture(scope="module")
 def engines(small_model, tmp_path_factory):
-    root = tmp_path_factory.mktemp("ort_engines")
-    for precision in ("fp32", "fp16", "int8"):
-        build_engine(small_model["onnx"], precision, root / precision, backend="onnxruntime",
-                     calibration=small_model["calibration"] if precision == "int8" else None)
-    return root
-
-
-def reference_logits(small_model, images):
-    session = ort.InferenceSession(str(small_model["onnx"]), providers=["CPUExecutionProvider"])
-    return session.run(None, {"input": images})[0]
+    return build_every_precision(small_model, tmp_path_factory.mktemp("ort_engines"), "onnxruntime")
 
 
 def test_session_options_follow_the_threads_argument():
@@ -60,7 +51,7 @@ def test_is_available_and_found_by_name():
 def test_fp32_engine_equals_the_canonical_graph(engines, small_model, images, batch):
     with load_engine(engines / "fp32", threads=2) as engine:
         got = engine.infer(images[:batch])
-    np.testing.assert_allclose(got, reference_logits(small_model, images[:batch]),
+    np.testing.assert_allclose(got, onnx_logits(small_model["onnx"], images[:batch]),
                                atol=1e-4, rtol=1e-4)
 
 
@@ -86,7 +77,7 @@ def test_fp16_engine_is_close_and_says_how_onnx_runtime_runs_it(engines, small_m
     assert sidecar["precision"] == "fp16"
     assert set(sidecar["layer_precision"].values()) == {"fp16"}
     assert FP16_NOTE in sidecar["notes"]
-    reference = reference_logits(small_model, images)
+    reference = onnx_logits(small_model["onnx"], images)
     with load_engine(engines / "fp16") as engine:
         got = engine.infer(images)
     assert got.dtype == np.float32
@@ -99,7 +90,7 @@ def test_int8_engine_tracks_fp32(engines, small_model, images):
     sidecar = json.loads((engines / "int8" / "engine.json").read_text())
     assert sidecar["placement"] == "cpu"
     assert set(sidecar["layer_precision"].values()) == {"int8"}
-    reference = reference_logits(small_model, images)
+    reference = onnx_logits(small_model["onnx"], images)
     with load_engine(engines / "int8") as engine:
         got = engine.infer(images)
     cosine = np.sum(got * reference, 1) / np.linalg.norm(got, axis=1) \

@@ -7,7 +7,6 @@ import types
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 import pytest
 
 pytest.importorskip("openvino", reason="OpenVINO is an optional extra: pip install openvino")
@@ -15,9 +14,9 @@ pytest.importorskip("openvino", reason="OpenVINO is an optional extra: pip insta
 from alexnet_deploy.backends import get_backend
 from alexnet_deploy.backends.openvino import BACKEND, BIN, XML, compile_config
 from alexnet_deploy.backends.tensorrt import BACKEND as TENSORRT
-from alexnet_deploy.build import build_engine
 from alexnet_deploy.engine import load_engine
 from alexnet_deploy.errors import UserError
+from tests.conftest import build_every_precision, onnx_logits
 
 # Run in a pytest process of their own (Makefile `test`): OpenVINO 2026.4 objects in the same
 # process as the rest of the suite (torch, ONNX Runtime, gloo) crash the interpreter at shutdown
@@ -34,16 +33,7 @@ def images():
 
 @pytest.fixture(scope="module")
 def engines(small_model, tmp_path_factory):
-    root = tmp_path_factory.mktemp("ov_engines")
-    for precision in ("fp32", "fp16", "int8"):
-        build_engine(small_model["onnx"], precision, root / precision, backend="openvino",
-                     calibration=small_model["calibration"] if precision == "int8" else None)
-    return root
-
-
-def reference_logits(small_model, images):
-    session = ort.InferenceSession(str(small_model["onnx"]), providers=["CPUExecutionProvider"])
-    return session.run(None, {"input": images})[0]
+    return build_every_precision(small_model, tmp_path_factory.mktemp("ov_engines"), "openvino")
 
 
 def test_auto_prefers_openvino_on_a_cpu_machine():
@@ -66,7 +56,7 @@ def test_fp32_engine_is_fp32(engines, small_model, images):
     fails then (by about 3e-2 on this project's AMX machine)."""
     with load_engine(engines / "fp32", threads=2) as engine:
         got = engine.infer(images)
-    np.testing.assert_allclose(got, reference_logits(small_model, images), atol=1e-4, rtol=1e-4)
+    np.testing.assert_allclose(got, onnx_logits(small_model["onnx"], images), atol=1e-4, rtol=1e-4)
 
 
 def test_ir_keeps_fp32_weights(engines, small_model):
@@ -79,7 +69,7 @@ def test_ir_keeps_fp32_weights(engines, small_model):
 
 
 def test_fp16_and_int8_engines_track_fp32(engines, small_model, images):
-    reference = reference_logits(small_model, images)
+    reference = onnx_logits(small_model["onnx"], images)
     scale = np.abs(reference).max()
     with load_engine(engines / "fp16") as engine:
         assert np.abs(engine.infer(images) - reference).max() < 1e-2 * scale
