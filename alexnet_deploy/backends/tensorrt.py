@@ -2,11 +2,12 @@
 
 Untested on real hardware: this project's development machines have no GPU, and TensorRT's native
 libraries cannot be installed there, so nothing in this module has been run against a real
-TensorRT. What is checked there: the module imports without ``tensorrt`` or ``pycuda``;
-:meth:`TensorRtBackend.available` is False with an install hint; and, with fake ``tensorrt`` and
-``pycuda`` modules, the exact sequence of API calls the builder and the runner make. Every API
-name used below was checked to exist, with this signature, in the real TensorRT 10.16 and 11.4
-Python bindings (``tensorrt_cu12_bindings``).
+TensorRT or a real CUDA driver. What is checked there (``tests/conformance/``): the build and
+runner code run end to end against strict fakes generated, at test time, from the real
+``tensorrt-cu12-bindings`` 10.16.1.11 and ``tensorrt-cu13-bindings`` 11.4.0.106 (every name,
+argument type, enum and read-only property as the bindings define them), with a model of
+pycuda 2026.1's context rules (per-thread context stacks; frees in a detached context leak);
+and the module imports without ``tensorrt`` or ``pycuda``.
 
 Install on a GPU machine: ``pip install tensorrt pycuda`` (NVIDIA's wheels on PyPI, or
 ``--extra-index-url https://pypi.nvidia.com``), or run inside the NGC TensorRT container
@@ -21,10 +22,9 @@ placement (:func:`alexnet_deploy.quantize.to_int8` with ``target="tensorrt"``).
 ``BuilderFlag.TF32`` is cleared, so FP32 tensors compute in FP32 (TensorRT enables TF32 by
 default).
 
-Build::
+Build (one ``trt.Logger`` per process, :func:`logger`)::
 
-    logger  = trt.Logger(trt.Logger.WARNING)
-    builder = trt.Builder(logger)
+    builder = trt.Builder(logger())
     network = builder.create_network(network_flags(trt))     # strongly typed
     parser  = trt.OnnxParser(network, logger); parser.parse(onnx_bytes)   # errors surfaced
     config  = builder.create_builder_config()
@@ -34,9 +34,11 @@ Build::
     config.add_optimization_profile(profile)
     plan    = builder.build_serialized_network(network, config)            -> model.engine
 
-Run: ``trt.Runtime(logger).deserialize_cuda_engine(plan)``, ``engine.create_execution_context()``;
-per batch ``context.set_input_shape``, ``set_tensor_address`` for input and output, and
-``execute_async_v3(stream.handle)`` between pinned-memory host<->device copies on one CUDA stream.
+Run: ``trt.Runtime(logger()).deserialize_cuda_engine(plan)``; per call in flight one execution
+context with its own CUDA stream and pinned/device buffers (:class:`TensorRtRunner`);
+``set_input_shape`` and ``execute_async_v3(stream.handle)`` between pinned-memory host<->device
+copies. CUDA work runs in device 0's primary context, retained once per process and never
+detached (:func:`primary_context`), the same context PyTorch and TensorRT's runtime API use.
 
 A plan is tied to the exact TensorRT version and to the GPU's compute capability: an engine built
 with another TensorRT version, or on a GPU of another compute capability, is refused at load with
@@ -45,8 +47,12 @@ a message saying to rebuild it.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib.util
+import sys
+import threading
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -63,10 +69,25 @@ INSTALL_HINT = "pip install tensorrt pycuda on a GPU machine, or use the NGC Ten
 WORKSPACE_BYTES = 1 << 30  # builder scratch memory; AlexNet's largest tactic needs far less
 
 
-def _logger():
+_STATE_LOCK = threading.Lock()
+_LOGGER: tuple[Any, Any] | None = None  # (tensorrt module, its one trt.Logger)
+_PRIMARY: tuple[Any, Any] | None = None  # (pycuda.driver, device 0's retained primary context)
+
+
+def logger() -> Any:
+    """The process's one ``trt.Logger`` (severity WARNING), made on first use.
+
+    TensorRT keeps one logger per process and warns when a second one is passed while another
+    Builder or Runtime lives (``bench`` loads several engines at once), so every Builder,
+    OnnxParser and Runtime here shares this one.
+    """
+    global _LOGGER
     import tensorrt as trt
 
-    return trt.Logger(trt.Logger.WARNING)
+    with _STATE_LOCK:
+        if _LOGGER is None or _LOGGER[0] is not trt:  # a re-imported module gets its own
+            _LOGGER = (trt, trt.Logger(trt.Logger.WARNING))
+        return _LOGGER[1]
 
 
 def _cuda_driver():
@@ -77,6 +98,34 @@ def _cuda_driver():
     if cuda.Device.count() < 1:
         raise RuntimeError("no CUDA device")
     return cuda
+
+
+def primary_context() -> tuple[Any, Any]:
+    """``(pycuda.driver, context)``: device 0's primary context, retained once per process and
+    never detached (what ``pycuda.autoprimaryctx`` does, without keeping it current).
+
+    The primary context is the one the CUDA runtime API, and so TensorRT and PyTorch, use on
+    that device. Detaching it while pycuda objects made in it live makes their later frees
+    no-ops (pycuda skips clean-up in a dead context): the memory leaks. Kept retained, every
+    buffer can be freed at any time by pushing it (:func:`current`).
+    """
+    global _PRIMARY
+    with _STATE_LOCK:
+        if _PRIMARY is None or _PRIMARY[0] is not sys.modules.get("pycuda.driver"):
+            cuda = _cuda_driver()
+            _PRIMARY = (cuda, cuda.Device(0).retain_primary_context())
+        return _PRIMARY
+
+
+@contextlib.contextmanager
+def current(context: Any) -> Iterator[None]:
+    """Make the pycuda ``context`` current on this thread for the block, then pop it (CUDA's
+    context stack is per thread, so each thread pushes its own)."""
+    context.push()
+    try:
+        yield
+    finally:
+        type(context).pop()
 
 
 def network_flags(trt: Any) -> int:
@@ -93,10 +142,9 @@ def build_plan(onnx_bytes: bytes, *, max_batch: int, workspace: int = WORKSPACE_
     optimization profile: batch 1 to ``max_batch``, tuned for ``max_batch``."""
     import tensorrt as trt
 
-    logger = _logger()
-    builder = trt.Builder(logger)
+    builder = _make(trt.Builder, "a builder")
     network = builder.create_network(network_flags(trt))
-    parser = trt.OnnxParser(network, logger)
+    parser = trt.OnnxParser(network, logger())
     if not parser.parse(onnx_bytes):
         errors = [parser.get_error(i) for i in range(parser.num_errors)]
         detail = "; ".join(f"node {e.node_name() or e.node()} ({e.node_operator()}): {e.desc()}"
@@ -121,89 +169,172 @@ def build_plan(onnx_bytes: bytes, *, max_batch: int, workspace: int = WORKSPACE_
     return bytes(plan)
 
 
+def _make(factory: Any, what: str) -> Any:
+    """``factory(logger())``, with TensorRT's failure (pybind11's ``TypeError: factory function
+    returned nullptr``: no usable GPU or driver, or CUDA out of memory) as a UserError."""
+    import tensorrt as trt
+
+    try:
+        return factory(logger())
+    except TypeError as e:
+        raise UserError(f"TensorRT {trt.__version__} could not create {what} ({first_line(e)}): "
+                        "check that a GPU is visible (nvidia-smi) and that the driver supports "
+                        "this TensorRT's CUDA version") from e
+
+
+class _Slot:
+    """What one call in flight needs: an execution context of the shared engine, a CUDA stream,
+    and pinned host + device buffers for the profile's largest batch, bound to the context.
+    Made and released with the CUDA context current."""
+
+    def __init__(self, cuda: Any, engine: Any, io: dict[str, Any]) -> None:
+        self.context = engine.create_execution_context()
+        if self.context is None:
+            raise UserError("TensorRT could not create an execution context (out of GPU "
+                            "memory?): close other engines or rebuild with a smaller --max-batch")
+        self.stream = None
+        self.host_in = self.host_out = self.device_in = self.device_out = None
+        try:
+            self.stream = cuda.Stream()
+            self.host_in = cuda.pagelocked_empty(io["in_shape"], io["in_dtype"])
+            self.host_out = cuda.pagelocked_empty(io["out_shape"], io["out_dtype"])
+            self.device_in = cuda.mem_alloc(self.host_in.nbytes)
+            self.device_out = cuda.mem_alloc(self.host_out.nbytes)
+            self.context.set_tensor_address(io["input"], int(self.device_in))
+            self.context.set_tensor_address(io["output"], int(self.device_out))
+        except BaseException:
+            self.release()
+            raise
+
+    def release(self) -> None:
+        """Wait for the stream, then free everything, in reverse order of creation (the CUDA
+        context is current, so pycuda really frees: see :func:`primary_context`)."""
+        if self.stream is not None:
+            self.stream.synchronize()
+        self.context = None  # the execution context goes before the memory bound to it
+        for buf in (self.device_out, self.device_in):
+            if buf is not None:
+                buf.free()
+        for host in (self.host_out, self.host_in):
+            if host is not None:
+                host.base.free()  # pagelocked_empty's array: base is its HostAllocation
+        self.host_in = self.host_out = self.device_in = self.device_out = None
+        self.stream = None  # pycuda destroys the stream here, in the current context
+
+
 class TensorRtRunner(Runner):
-    """Runs a deserialized plan on device 0 with pinned host buffers sized for the largest batch."""
+    """Runs a deserialized plan on device 0, in its primary context (:func:`primary_context`).
+
+    Thread safety: :meth:`infer` is safe to call from several threads at once. The engine is
+    shared; each call in flight takes a slot -- its own TensorRT execution context, CUDA stream
+    and pinned/device buffers for the profile's largest batch -- from a pool, and gives it back
+    when done. The pool grows to the largest number of simultaneous callers (each slot costs
+    the context's activation memory plus about twice the largest batch in host and device
+    memory) and keeps its slots until :meth:`close`. A lock guards only the pool, never the
+    GPU work, so threads overlap on the GPU. :meth:`close` must not race :meth:`infer`.
+
+    Args:
+        plan: the serialized engine (``model.engine``).
+        meta: what the sidecar says the input is; the runner reports the plan's own profile.
+    """
 
     def __init__(self, plan: bytes, meta: InputMetadata) -> None:
-        cuda = _cuda_driver()
-        self.cuda = cuda
-        self.cuda_context = cuda.Device(0).retain_primary_context()
-        try:
-            self.cuda_context.push()
+        self.cuda, self.cuda_context = primary_context()
+        self._pool_lock = threading.Lock()
+        self._idle: list[_Slot] = []
+        self._slots: list[_Slot] = []
+        self.engine = self.runtime = None
+        with current(self.cuda_context):
             try:
                 self._setup(plan)
-            finally:
-                cuda.Context.pop()
-        except BaseException:
-            self.cuda_context.detach()
-            self.cuda_context = None
-            raise
-        self.meta = InputMetadata(name=self.input_name, chw=self.host_in.shape[1:],
-                                  min_batch=meta.min_batch, max_batch=self.host_in.shape[0])
+                self._idle.append(self._new_slot())  # the first slot: errors surface at load
+            except BaseException:
+                self._release()
+                raise
+        max_batch = self._io["in_shape"][0]
+        self.meta = InputMetadata(name=self.input_name, chw=tuple(self._io["in_shape"][1:]),
+                                  min_batch=self._min_batch, max_batch=max_batch)
 
     def _setup(self, plan: bytes) -> None:
-        """Deserialize, create the execution context, allocate buffers for the profile's
-        largest batch and bind them (the CUDA context is current)."""
+        """Deserialize the plan and read its I/O tensors and profile (the CUDA context is
+        current)."""
         import tensorrt as trt
 
-        cuda = self.cuda
-        self.runtime = trt.Runtime(_logger())
+        self.runtime = _make(trt.Runtime, "a runtime")
         self.engine = self.runtime.deserialize_cuda_engine(plan)
         if self.engine is None:
             raise UserError("TensorRT could not deserialize the engine (its log above says "
                             "why): rebuild it on this machine")
-        self.context = self.engine.create_execution_context()
         names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
         modes = {n: self.engine.get_tensor_mode(n) for n in names}
         self.input_name = next(n for n in names if modes[n] == trt.TensorIOMode.INPUT)
         self.output_name = next(n for n in names if modes[n] == trt.TensorIOMode.OUTPUT)
-        _, _, max_shape = self.engine.get_tensor_profile_shape(self.input_name, 0)
+        min_shape, _, max_shape = self.engine.get_tensor_profile_shape(self.input_name, 0)
+        self._min_batch = int(next(iter(min_shape)))
         in_shape = tuple(int(d) for d in tuple(max_shape))  # (max_batch, C, H, W)
         out_tail = tuple(int(d) for d in tuple(self.engine.get_tensor_shape(
             self.output_name))[1:])
-        in_dtype = np.dtype(trt.nptype(self.engine.get_tensor_dtype(self.input_name)))
-        out_dtype = np.dtype(trt.nptype(self.engine.get_tensor_dtype(self.output_name)))
-        self.host_in = cuda.pagelocked_empty(in_shape, in_dtype)
-        self.host_out = cuda.pagelocked_empty((in_shape[0], *out_tail), out_dtype)
-        self.device_in = cuda.mem_alloc(self.host_in.nbytes)
-        self.device_out = cuda.mem_alloc(self.host_out.nbytes)
-        self.stream = cuda.Stream()
-        self.context.set_tensor_address(self.input_name, int(self.device_in))
-        self.context.set_tensor_address(self.output_name, int(self.device_out))
+        self._io = {
+            "input": self.input_name, "output": self.output_name, "in_shape": in_shape,
+            "out_shape": (in_shape[0], *out_tail),
+            "in_dtype": np.dtype(trt.nptype(self.engine.get_tensor_dtype(self.input_name))),
+            "out_dtype": np.dtype(trt.nptype(self.engine.get_tensor_dtype(self.output_name))),
+        }
+
+    def _new_slot(self) -> _Slot:
+        slot = _Slot(self.cuda, self.engine, self._io)
+        with self._pool_lock:
+            self._slots.append(slot)
+        return slot
+
+    @contextlib.contextmanager
+    def _slot(self) -> Iterator[_Slot]:
+        with self._pool_lock:
+            if self._slots == [] and self.engine is None:
+                raise UserError("this TensorRT engine is closed")
+            slot = self._idle.pop() if self._idle else None
+        if slot is None:
+            slot = self._new_slot()  # the CUDA context is current (infer pushed it)
+        try:
+            yield slot
+        finally:
+            with self._pool_lock:
+                self._idle.append(slot)
 
     def infer(self, batch: np.ndarray) -> np.ndarray:
         n = batch.shape[0]
         self.meta.check_batch(n)
         cuda = self.cuda
-        self.cuda_context.push()
-        try:
-            self.host_in[:n] = batch  # casts to the engine's input dtype
-            cuda.memcpy_htod_async(self.device_in, self.host_in[:n], self.stream)
-            if not self.context.set_input_shape(self.input_name, tuple(batch.shape)):
+        with current(self.cuda_context), self._slot() as s:
+            s.host_in[:n] = batch  # casts to the engine's input dtype
+            cuda.memcpy_htod_async(s.device_in, s.host_in[:n], s.stream)
+            if not s.context.set_input_shape(self.input_name, tuple(batch.shape)):
                 raise UserError(f"TensorRT rejected input shape {tuple(batch.shape)}")
-            if not self.context.execute_async_v3(self.stream.handle):
+            if not s.context.execute_async_v3(s.stream.handle):
                 raise UserError("TensorRT failed to run the engine (its log above says why)")
-            cuda.memcpy_dtoh_async(self.host_out[:n], self.device_out, self.stream)
-            self.stream.synchronize()
-        finally:
-            cuda.Context.pop()
-        return np.array(self.host_out[:n], dtype=np.float32)
+            cuda.memcpy_dtoh_async(s.host_out[:n], s.device_out, s.stream)
+            s.stream.synchronize()
+            return np.array(s.host_out[:n], dtype=np.float32)
 
     def input_metadata(self) -> InputMetadata:
         return self.meta
 
+    def _release(self) -> None:
+        """Free every slot, then the engine and the runtime (the CUDA context is current)."""
+        with self._pool_lock:
+            slots, self._slots, self._idle = self._slots, [], []
+        for slot in reversed(slots):
+            slot.release()
+        self.engine = None  # before the runtime that deserialized it
+        self.runtime = None
+
     def close(self) -> None:
-        if getattr(self, "cuda_context", None) is None:
+        """Release every buffer, stream and execution context while the CUDA context is
+        current. The primary context itself stays retained. Safe to call twice."""
+        if self.engine is None and not self._slots:
             return
-        self.cuda_context.push()
-        try:
-            self.device_in.free()
-            self.device_out.free()
-            self.context = self.engine = self.runtime = None  # before the CUDA context goes
-        finally:
-            self.cuda.Context.pop()
-            self.cuda_context.detach()
-            self.cuda_context = None
+        with current(self.cuda_context):
+            self._release()
 
 
 class TensorRtBackend(Backend):

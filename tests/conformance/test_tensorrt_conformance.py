@@ -1,0 +1,242 @@
+"""The TensorRT backend against strict fakes generated from the real TensorRT 10.16 and 11.4
+Python bindings, with a pycuda model that keeps pycuda's context rules (see ``tensorrt_api.py``,
+``pycuda_model.py``). Nothing here runs TensorRT or CUDA: what is checked is that every call the
+build and runner code make exists, with these argument types, in each real version, and that
+the runner frees everything it allocates, from one thread or many."""
+
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+import pytest
+from simulation import CHW, NUM_CLASSES
+
+from alexnet_deploy.backends import InputMetadata
+from alexnet_deploy.backends import tensorrt as trt_backend
+from alexnet_deploy.errors import UserError
+
+META = InputMetadata("input", CHW)
+
+
+def expected_logits(x: np.ndarray) -> np.ndarray:
+    return x.reshape(len(x), -1).sum(1, keepdims=True) * np.arange(1, NUM_CLASSES + 1)
+
+
+def batch(n: int, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).standard_normal((n, *CHW)).astype(np.float32)
+
+
+def assert_nothing_leaked(env) -> None:
+    assert env.cuda.live == {}, f"still allocated: {sorted(env.cuda.live.values())}"
+    assert env.cuda.leaked == [], f"leaked: {env.cuda.leaked}"
+    assert env.cuda.stack() == [], "a CUDA context was left current on this thread"
+    assert env.sim.contexts_alive == 0
+
+
+# ---- build ----
+
+def test_build_makes_valid_calls_for_this_version(env):
+    plan = trt_backend.build_plan(b"ONNXBYTES", max_batch=32)
+    names = [c[0] for c in env.sim.calls]
+    assert names[:4] == ["Builder", "builder.create_network", "OnnxParser", "parser.parse"]
+    assert names[-1] == "builder.build_serialized_network"
+    flags = {c[0]: c[1:] for c in env.sim.calls}["builder.create_network"][0]
+    v11 = env.trt.__version__.startswith("11.")
+    assert flags == (0 if v11 else 1 << int(env.trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED))
+    clears = [c[1] for c in env.sim.calls if c[0] == "config.clear_flag"]
+    assert clears == [env.trt.BuilderFlag.TF32]
+    assert isinstance(plan, bytes) and b'"profile"' in plan
+
+
+def test_one_logger_for_builds_and_runtimes(env):
+    plan = trt_backend.build_plan(b"ONNX", max_batch=8)
+    a = trt_backend.TensorRtRunner(plan, META)
+    b = trt_backend.TensorRtRunner(plan, META)
+    trt_backend.build_plan(b"ONNX", max_batch=8)
+    a.close()
+    b.close()
+    assert len(env.sim.loggers) == 1
+
+
+def test_parse_errors_are_one_user_error(api, monkeypatch):
+    from conftest import install
+
+    install(monkeypatch, api, parse_errors=[(3, "lrn1.lrn0", "LRN", "Unsupported size=4")])
+    with pytest.raises(UserError, match=r"node lrn1.lrn0 \(LRN\): Unsupported size=4"):
+        trt_backend.build_plan(b"ONNX", max_batch=4)
+
+
+def test_builder_that_returns_nullptr_is_a_user_error(api, monkeypatch):
+    from conftest import install
+
+    install(monkeypatch, api, builder_fails=True)
+    with pytest.raises(UserError, match="could not create a builder"):
+        trt_backend.build_plan(b"ONNX", max_batch=4)
+
+
+def test_real_bindings_without_a_gpu_give_a_user_error(api):
+    """The real bindings over the stub libraries: trt.Builder returns nullptr there, as on a
+    machine without a usable GPU. build_plan must say so in one UserError line."""
+    from tensorrt_api import run_with_real_bindings
+
+    code = ("from alexnet_deploy.backends.tensorrt import build_plan, logger\n"
+            "from alexnet_deploy.errors import UserError\n"
+            "assert logger() is logger()\n"
+            "try:\n    build_plan(b'ONNX', max_batch=4)\n"
+            "except UserError as e:\n    print('USERERROR', e)\n")
+    run = run_with_real_bindings(api["version"], code)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert f"USERERROR TensorRT {api['version']} could not create a builder" in run.stdout
+
+
+# ---- runner ----
+
+def test_runner_runs_batches_and_frees_everything(env):
+    plan = trt_backend.build_plan(b"ONNX", max_batch=8)
+    runner = trt_backend.TensorRtRunner(plan, META)
+    assert runner.input_metadata() == InputMetadata("input", CHW, min_batch=1, max_batch=8)
+    for n in (1, 5, 8):
+        x = batch(n, seed=n)
+        np.testing.assert_allclose(runner.infer(x), expected_logits(x), rtol=1e-5)
+    with pytest.raises(UserError, match=r"outside this engine's profile \(1..8\)"):
+        runner.infer(batch(9))
+    assert env.cuda.stack() == []  # every call pops what it pushed
+    runner.close()
+    runner.close()  # twice is harmless
+    assert_nothing_leaked(env)
+    with pytest.raises(UserError, match="closed"):
+        runner.infer(batch(1))
+
+
+def test_runner_refuses_a_plan_it_cannot_deserialize(env):
+    with pytest.raises(UserError, match="could not deserialize"):
+        trt_backend.TensorRtRunner(b"JUNK", META)
+    assert_nothing_leaked(env)
+
+
+def test_lifecycle_create_infer_close_20_times_leaks_nothing(env):
+    plan = trt_backend.build_plan(b"ONNX", max_batch=8)
+    for i in range(20):
+        runner = trt_backend.TensorRtRunner(plan, META)
+        x = batch(4, seed=i)
+        np.testing.assert_allclose(runner.infer(x), expected_logits(x), rtol=1e-5)
+        runner.close()
+        assert env.cuda.live == {} and env.cuda.leaked == [], f"round {i}"
+    assert env.cuda.primary_retains == 1  # retained once per process, never detached
+    assert_nothing_leaked(env)
+
+
+def test_the_lifecycle_test_catches_the_old_close_order(env):
+    """The order ``close()`` used before: pop, detach the context, then let the buffers go.
+    The pycuda model reports their frees as leaks, so the lifecycle test above would fail."""
+    plan = trt_backend.build_plan(b"ONNX", max_batch=8)
+    runner = trt_backend.TensorRtRunner(plan, META)
+    runner.infer(batch(2))
+    slots = runner._slots
+    runner._slots = runner._idle = []
+    runner.cuda_context.detach()  # what the old close() did after popping
+    for slot in slots:
+        for buf in (slot.device_in, slot.device_out, slot.host_in.base, slot.host_out.base):
+            buf.free()
+    del slots, slot, buf
+    assert {kind for kind, _, _ in env.cuda.leaked} >= {"device allocation",
+                                                        "pinned host allocation"}
+
+
+def test_runner_is_safe_from_many_threads(env):
+    plan = trt_backend.build_plan(b"ONNX", max_batch=8)
+    runner = trt_backend.TensorRtRunner(plan, META)
+    inputs = [batch(1 + i % 8, seed=i) for i in range(32)]
+    single = [runner.infer(x) for x in inputs]
+    results: dict = {}
+    errors: list = []
+    start = threading.Barrier(4)
+
+    def work(t: int) -> None:
+        try:
+            start.wait()
+            for m in range(25):
+                i = (t * 7 + m) % len(inputs)
+                results[t, m] = (i, runner.infer(inputs[i]))
+        except BaseException as e:  # noqa: BLE001 - reported below
+            errors.append(e)
+        finally:
+            assert env.cuda.stack() == []  # this thread's stack
+
+    threads = [threading.Thread(target=work, args=(t,)) for t in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    assert len(results) == 100
+    for i, out in results.values():
+        np.testing.assert_array_equal(out, single[i])
+    assert 1 <= len(runner._slots) <= 4
+    runner.close()
+    assert_nothing_leaked(env)
+
+
+# ---- the self-test: the fakes catch what the real bindings reject ----
+
+def test_self_test_planted_mistakes_are_caught(env, api):
+    from tensorrt_api import make_fake
+
+    trt = env.trt
+    # enums are distinct types, not ints
+    assert trt.TensorIOMode.INPUT != 1 and trt.TensorIOMode.INPUT == trt.TensorIOMode.INPUT
+    # a wrong argument type: an int where an enum goes; an int severity for Logger
+    config = trt.Builder(trt.Logger()).create_builder_config()
+    with pytest.raises(TypeError, match="incompatible function arguments"):
+        config.set_memory_pool_limit(0, 1 << 20)
+    with pytest.raises(TypeError, match="incompatible function arguments"):
+        trt.Logger(2)
+    with pytest.raises(TypeError, match="incompatible function arguments"):
+        config.clear_flag(trt.MemoryPoolType.WORKSPACE)
+    # a read-only property; an attribute the bindings do not have
+    network = trt.Builder(trt.Logger()).create_network(0)
+    with pytest.raises(AttributeError):
+        network.num_inputs = 2
+    with pytest.raises(AttributeError):
+        network.no_such_attribute = 1
+    # removed APIs: build_engine left in TensorRT 10; FP16/INT8 builder flags in 11
+    assert not hasattr(trt.Builder(trt.Logger()), "build_engine")
+    if trt.__version__.startswith("11."):
+        assert not hasattr(trt.BuilderFlag, "FP16")
+    else:
+        assert hasattr(trt.BuilderFlag, "FP16")
+    # and a method removed from the API: the real build code fails on it
+    edited = {**api, "classes": {**api["classes"], "IBuilderConfig": {
+        **api["classes"]["IBuilderConfig"], "methods": {
+            k: v for k, v in api["classes"]["IBuilderConfig"]["methods"].items()
+            if k != "set_memory_pool_limit"}}}}
+    import sys
+
+    holder: list = []
+    broken = make_fake(edited, env.sim.behaviours(holder, env.cuda))
+    holder.append(broken)
+    sys.modules["tensorrt"] = broken  # restored by the fixture's monkeypatch
+    with pytest.raises(AttributeError, match="set_memory_pool_limit"):
+        trt_backend.build_plan(b"ONNX", max_batch=4)
+
+
+# ---- version and GPU checks ----
+
+class _Sidecar:
+    def __init__(self, version: str, cc: str | None):
+        self.backend_version = version
+        self.host = {"gpu": "NVIDIA A100", **({"gpu_compute_capability": cc} if cc else {})}
+
+
+def test_engines_from_another_tensorrt_or_gpu_are_refused(env):
+    backend = trt_backend.BACKEND
+    here = env.trt.__version__
+    backend.check_compatible(_Sidecar(here, "9.0"))  # same version, same GPU
+    with pytest.raises(UserError, match=f"built with TensorRT 10.3.0.26; this machine has "
+                                        f"TensorRT {here}"):
+        backend.check_compatible(_Sidecar("10.3.0.26", "9.0"))
+    with pytest.raises(UserError, match="compute capability 8.0 .*this GPU is 9.0"):
+        backend.check_compatible(_Sidecar(here, "8.0"))
+    assert backend.device_info() == {"gpu": "NVIDIA H100 80GB HBM3",
+                                     "gpu_compute_capability": "9.0"}
