@@ -59,6 +59,8 @@ class BuildResult:
         """The lines ``alexnet-deploy build`` prints."""
         sc = self.sidecar
         batch = (f"{sc.min_batch}..{sc.max_batch}" if sc.max_batch is not None else "any")
+        if sc.opt_batch is not None:
+            batch += f", tuned for {sc.opt_batch}"
         layers = "  ".join(f"{k}={v}" for k, v in sc.layer_precision.items())
         lines = [
             f"engine     {self.path}",
@@ -70,6 +72,8 @@ class BuildResult:
             f"size       {self.size_bytes / 2**20:.1f} MiB ({', '.join(sc.artifacts)})",
             f"build time {sc.build_seconds:.1f} s",
         ]
+        if sc.timing_cache:
+            lines.append(f"cache      {sc.timing_cache} (TensorRT timing cache, read and updated)")
         if self.mixed is not None:
             m = self.mixed
             lines.append(f"mixed      budget {m.budget:g} pt, measured {m.measure} "
@@ -100,7 +104,8 @@ def build_engine(model_path: str | Path, precision: str, out: str | Path, *,
                  calibration: str | Path | None = None, backend: str = "auto",
                  max_batch: int = 64, max_top1_drop: float | None = None,
                  calibration_data: str | None = None, threads: int | None = None,
-                 progress: bool = True) -> BuildResult:
+                 progress: bool = True, min_batch: int = 1, opt_batch: int | None = None,
+                 timing_cache: str | Path | None | bool = True) -> BuildResult:
     """Build an engine folder from an exported model.
 
     Args:
@@ -117,6 +122,13 @@ def build_engine(model_path: str | Path, precision: str, out: str | Path, *,
         threads: CPU threads for the build (ONNX Runtime checks the graph loads). Defaults to
             the backend's choice.
         progress: show a progress bar while reading search images. Defaults to True.
+        min_batch: smallest batch of a TensorRT engine's profile. Defaults to 1.
+        opt_batch: the batch a TensorRT profile is tuned for. Defaults to the power of two
+            nearest the geometric mean of ``min_batch`` and ``max_batch`` (1..64 -> 8; see
+            :func:`~alexnet_deploy.backends.tensorrt.default_opt_batch`).
+        timing_cache: TensorRT timing cache file, read and updated; True for the default
+            (``~/.cache/alexnet-deploy/tensorrt-timing.cache``), False or None for none.
+            Defaults to True.
 
     Raises:
         UserError: a bad option, a model or calibration that does not fit, a backend that is
@@ -134,6 +146,12 @@ def build_engine(model_path: str | Path, precision: str, out: str | Path, *,
         raise UserError(f"unknown precision {precision!r}: choose one of {', '.join(PRECISIONS)}")
     if max_batch < 1:
         raise UserError(f"--max-batch must be >= 1, got {max_batch}")
+    if not 1 <= min_batch <= max_batch:
+        raise UserError(f"--min-batch must be between 1 and --max-batch ({max_batch}), got "
+                        f"{min_batch}")
+    if opt_batch is not None and not min_batch <= opt_batch <= max_batch:
+        raise UserError(f"--opt-batch must be between --min-batch ({min_batch}) and "
+                        f"--max-batch ({max_batch}), got {opt_batch}")
     if precision == "int8" and calibration is None:
         raise UserError("INT8 needs --calibration FILE (from 'alexnet-deploy calibrate' on this "
                         "model)")
@@ -178,16 +196,31 @@ def build_engine(model_path: str | Path, precision: str, out: str | Path, *,
         {name: "fp32" for name in layers}
 
     graph = engine_backend.rewrite_graph(graph)
+    profile: dict[str, Any] = {}
+    if engine_backend.fixed_batch_range:  # an optimization profile (TensorRT)
+        from alexnet_deploy.backends.tensorrt import default_opt_batch, default_timing_cache
+
+        cache = default_timing_cache() if timing_cache is True else (timing_cache or None)
+        profile = {"min_batch": min_batch, "timing_cache": cache, "say": messages.append,
+                   "opt_batch": (default_opt_batch(min_batch, max_batch) if opt_batch is None
+                                 else opt_batch)}
+    elif min_batch != 1 or opt_batch is not None:
+        messages.append(f"--min-batch/--opt-batch shape TensorRT profiles; {engine_backend.name} "
+                        "engines take any batch: ignored")
     with engine_dir_atomic(out) as tmp:
-        files = engine_backend.build(graph, tmp, max_batch=max_batch, threads=threads)
+        files = engine_backend.build(graph, tmp, max_batch=max_batch, threads=threads, **profile)
         artifacts = {name: sha256_file(tmp / name) for name in files}
         size = sum((tmp / name).stat().st_size for name in files)
         sidecar = EngineSidecar(
             backend=engine_backend.name, backend_version=engine_backend.version(),
             precision=overall_precision(precision, per_layer), layer_precision=per_layer,
             artifacts=artifacts, preprocess=spec, classes=list(info.classes),
-            input_shape=spec.input_shape, input_name=input_name, min_batch=1,
+            input_shape=spec.input_shape, input_name=input_name,
+            min_batch=profile.get("min_batch", 1),
             max_batch=max_batch if engine_backend.fixed_batch_range else None,
+            opt_batch=profile.get("opt_batch"),
+            timing_cache=(str(profile["timing_cache"]) if profile.get("timing_cache")
+                          else None),
             placement=engine_backend.qdq_target if precision == "int8" else None,
             model_sha256=model_sha, calibration_sha256=(sha256_file(calibration)
                                                         if calibration is not None else None),

@@ -192,6 +192,16 @@ def calibrate(model, data, method, percentile, num_images, batch_size, seed, trt
                    "OpenVINO if installed, else ONNX Runtime).")
 @click.option("--max-batch", type=int, default=64, show_default=True, metavar="N",
               help="Largest batch of a TensorRT engine's profile (CPU engines take any batch).")
+@click.option("--min-batch", type=int, default=1, show_default=True, metavar="N",
+              help="Smallest batch of a TensorRT engine's profile.")
+@click.option("--opt-batch", type=int, default=None, metavar="N",
+              help="The batch a TensorRT profile is tuned for (its kernels are chosen for it).  "
+                   "[default: the power of two nearest sqrt(min x max): 8 for 1..64]")
+@click.option("--timing-cache", metavar="FILE",
+              help="TensorRT timing cache, read and updated (ignored with a warning when it is "
+                   "from another TensorRT version or GPU).  "
+                   "[default: ~/.cache/alexnet-deploy/tensorrt-timing.cache]")
+@click.option("--no-timing-cache", is_flag=True, help="TensorRT: time every tactic afresh.")
 @click.option("--max-top1-drop", type=float, default=None, metavar="X",
               help="INT8: keep the layers that cost most accuracy in FP32 until the top-1 drop "
                    "measured on --calibration-data is at most X percentage points.")
@@ -200,14 +210,18 @@ def calibrate(model, data, method, percentile, num_images, batch_size, seed, trt
 @click.option("--threads", type=int, default=None, metavar="N", help="CPU threads.")
 @click.option("--out", required=True, metavar="engines/NAME",
               help="Engine folder to write (an earlier engine there is replaced).")
-def build(model, precision, calibration, backend, max_batch, max_top1_drop, calibration_data,
-          threads, out) -> None:
+def build(model, precision, calibration, backend, max_batch, min_batch, opt_batch, timing_cache,
+          no_timing_cache, max_top1_drop, calibration_data, threads, out) -> None:
     """Build an engine folder (backend artifact + engine.json sidecar) from an ONNX model."""
     from alexnet_deploy.build import build_engine
 
+    if no_timing_cache and timing_cache:
+        raise UserError("--timing-cache and --no-timing-cache exclude each other: pass one")
     result = build_engine(model, precision, out, calibration=calibration, backend=backend,
                           max_batch=max_batch, max_top1_drop=max_top1_drop,
-                          calibration_data=calibration_data, threads=threads)
+                          calibration_data=calibration_data, threads=threads,
+                          min_batch=min_batch, opt_batch=opt_batch,
+                          timing_cache=False if no_timing_cache else (timing_cache or True))
     for line in result.summary():
         click.echo(line)
 

@@ -22,12 +22,14 @@ from, so that it can be checked before it is run and compared with its reference
                  "checkpoint_sha256": ...},       the checkpoint the ONNX model was exported from
       "artifacts": {"model.onnx": "<sha256>"},
       "input": {"name": "input", "shape": [3, 227, 227], "dtype": "float32",
-                "min_batch": 1, "max_batch": null},   null: any batch size
+                "min_batch": 1, "max_batch": null,    null: any batch size
+                "opt_batch": null},                   TensorRT: the batch the profile is tuned for
       "output": {"name": "logits", "num_classes": 10},
       "preprocess": {...PreprocessSpec...},
       "classes": [...],
       "build": {"seconds": 1.9, "timestamp": "2026-...Z",
-                "host": {"hostname": ..., "platform": ..., "cpu": ..., "gpu": ...}},
+                "host": {"hostname": ..., "platform": ..., "cpu": ..., "gpu": ...},
+                "timing_cache": null},               TensorRT: the timing cache file used
       "notes": [...]
     }
 
@@ -82,6 +84,8 @@ class EngineSidecar:
         input_shape: ``(C, H, W)`` of one input.
         min_batch: smallest batch the engine takes. Defaults to 1.
         max_batch: largest batch it takes; None for any (the CPU backends). Defaults to None.
+        opt_batch: the batch a TensorRT profile is tuned for; None for the CPU backends.
+            Defaults to None.
         placement: the Q/DQ placement target of an INT8 graph (``cpu`` or ``tensorrt``); None
             for FP32/FP16. Defaults to None.
         model_sha256: sha256 of the ONNX model the engine was built from.
@@ -91,6 +95,8 @@ class EngineSidecar:
         build_seconds: wall time of the build.
         built_at: UTC timestamp of the build (ISO 8601).
         host: where it was built: hostname, platform, cpu, and gpu where there is one.
+        timing_cache: the TensorRT timing cache file the build read and updated; None when
+            none was used. Defaults to None.
         output_name: name of the logits output. Defaults to ``"logits"``.
         notes: remarks a user should see with the engine (e.g. how a backend runs FP16).
         version: the alexnet-deploy version that built it.
@@ -107,6 +113,7 @@ class EngineSidecar:
     input_name: str = "input"
     min_batch: int = 1
     max_batch: int | None = None
+    opt_batch: int | None = None
     placement: str | None = None
     model_sha256: str = ""
     calibration_sha256: str | None = None
@@ -116,6 +123,7 @@ class EngineSidecar:
     host: dict[str, str] = field(default_factory=dict)
     output_name: str = "logits"
     notes: list[str] = field(default_factory=list)
+    timing_cache: str | None = None
     version: str = __version__
 
     def __post_init__(self) -> None:
@@ -144,12 +152,12 @@ class EngineSidecar:
             "artifacts": dict(self.artifacts),
             "input": {"name": self.input_name, "shape": list(self.input_shape),
                       "dtype": "float32", "min_batch": self.min_batch,
-                      "max_batch": self.max_batch},
+                      "max_batch": self.max_batch, "opt_batch": self.opt_batch},
             "output": {"name": self.output_name, "num_classes": self.num_classes},
             "preprocess": self.preprocess.to_dict(),
             "classes": list(self.classes),
             "build": {"seconds": round(self.build_seconds, 3), "timestamp": self.built_at,
-                      "host": dict(self.host)},
+                      "host": dict(self.host), "timing_cache": self.timing_cache},
             "notes": list(self.notes),
         }
 
@@ -173,6 +181,8 @@ class EngineSidecar:
                 min_batch=int(d["input"].get("min_batch", 1)),
                 max_batch=(None if d["input"].get("max_batch") is None
                            else int(d["input"]["max_batch"])),
+                opt_batch=(None if d["input"].get("opt_batch") is None
+                           else int(d["input"]["opt_batch"])),
                 placement=d.get("placement"),
                 model_sha256=str(d["source"]["model_sha256"]),
                 calibration_sha256=d["source"].get("calibration_sha256"),
@@ -182,6 +192,7 @@ class EngineSidecar:
                 host={str(k): str(v) for k, v in d["build"].get("host", {}).items()},
                 output_name=str(d.get("output", {}).get("name", "logits")),
                 notes=[str(n) for n in d.get("notes", [])],
+                timing_cache=d["build"].get("timing_cache"),
                 version=str(d.get("alexnet_deploy_version", "")),
             )
         except (KeyError, TypeError, ValueError, AttributeError) as e:

@@ -66,7 +66,7 @@ def test_sidecar_round_trips_through_its_json(tmp_path):
     assert d["source"] == {"model_sha256": "cd" * 32, "calibration_sha256": "ef" * 32,
                            "checkpoint_sha256": "01" * 32}
     assert d["input"] == {"name": "input", "shape": [3, 67, 67], "dtype": "float32",
-                          "min_batch": 1, "max_batch": None}
+                          "min_batch": 1, "max_batch": None, "opt_batch": None}
     assert d["output"] == {"name": "logits", "num_classes": 3}
     assert d["preprocess"]["crop"] == 67
     assert d["build"]["host"]["cpu"] == "c"

@@ -30,9 +30,11 @@ Build (one ``trt.Logger`` per process, :func:`logger`)::
     config  = builder.create_builder_config()
     config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, workspace)
     profile = builder.create_optimization_profile()
-    profile.set_shape(input, (1, C, H, W), (max, C, H, W), (max, C, H, W))
+    profile.set_shape(input, (min, C, H, W), (opt, C, H, W), (max, C, H, W))
     config.add_optimization_profile(profile)
+    config.set_timing_cache(config.create_timing_cache(previous cache or b""), False)
     plan    = builder.build_serialized_network(network, config)            -> model.engine
+    config.get_timing_cache().serialize()                                  -> the cache file
 
 Run: ``trt.Runtime(logger()).deserialize_cuda_engine(plan)``; per call in flight one execution
 context with its own CUDA stream and pinned/device buffers (:class:`TensorRtRunner`);
@@ -50,9 +52,13 @@ from __future__ import annotations
 import contextlib
 import functools
 import importlib.util
+import json
+import math
+import os
 import sys
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -137,11 +143,108 @@ def network_flags(trt: Any) -> int:
     return 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED)
 
 
-def build_plan(onnx_bytes: bytes, *, max_batch: int, workspace: int = WORKSPACE_BYTES) -> bytes:
+@dataclass
+class TimingCache:
+    """A TensorRT timing cache file and what it belongs to.
+
+    TensorRT stores the measured speed of every tactic it tried in the cache, so a later build
+    of the same layers skips timing them. A cache belongs to one TensorRT version and one GPU
+    model: the JSON file beside it (``PATH.json``) records both, and a cache that belongs to
+    another is ignored with a warning (and replaced by this build's).
+
+    Args:
+        path: the cache file (read if present, then written).
+        device: this GPU, ``{"gpu": name, "gpu_compute_capability": "X.Y"}``.
+    """
+
+    path: Path
+    device: dict[str, str]
+
+    def owner(self, version: str) -> dict[str, str]:
+        return {"tensorrt": version, **self.device}
+
+    def load(self, version: str, say: Callable[[str], None]) -> bytes:
+        """The cache's bytes when it belongs to this TensorRT and GPU, else ``b""``."""
+        meta_path = self.path.with_name(self.path.name + ".json")
+        if not self.path.exists():
+            return b""
+        try:
+            meta = json.loads(meta_path.read_text())
+            blob = self.path.read_bytes()
+        except (OSError, ValueError) as e:
+            say(f"timing cache {self.path} is unreadable ({first_line(e)}): ignored, this build "
+                "times every tactic and replaces it")
+            return b""
+        if meta != self.owner(version):
+            say(f"timing cache {self.path} is from TensorRT {meta.get('tensorrt', '?')} on "
+                f"{meta.get('gpu', '?')}; this is TensorRT {version} on "
+                f"{self.device.get('gpu', '?')}: ignored, this build times every tactic and "
+                "replaces it")
+            return b""
+        return blob
+
+    def save(self, blob: bytes, version: str, say: Callable[[str], None]) -> None:
+        from alexnet_deploy.fileio import atomic_path, write_json_atomic
+
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            with atomic_path(self.path) as tmp:
+                tmp.write_bytes(blob)
+            write_json_atomic(self.path.with_name(self.path.name + ".json"),
+                              self.owner(version))
+        except (OSError, UserError) as e:
+            say(f"timing cache {self.path} not written ({first_line(e)}); the engine is fine")
+
+
+def default_opt_batch(min_batch: int, max_batch: int) -> int:
+    """The batch a profile is tuned for when none is given: the power of two nearest the
+    geometric mean of ``min_batch`` and ``max_batch`` (1..64 -> 8; ties go down), clamped to
+    the range.
+
+    TensorRT picks each layer's kernels for the ``opt`` shape only; other batches run those
+    same kernels. Tuning for the largest batch makes batch-1 latency run on kernels chosen for
+    it; tuning for 1 does the same to throughput. The middle, on a log scale, costs both least.
+    """
+    if not 1 <= min_batch <= max_batch:
+        raise UserError(f"batch range {min_batch}..{max_batch} is empty: need "
+                        "1 <= --min-batch <= --max-batch")
+    # ties go down (1..8 -> 2, not 4): the smaller batch keeps latency kernels
+    middle = 2 ** math.ceil(math.log2(math.sqrt(min_batch * max_batch)) - 0.5)
+    return max(min_batch, min(max_batch, middle))
+
+
+def default_timing_cache() -> Path:
+    """``$ALEXNET_DEPLOY_CACHE/tensorrt-timing.cache``, the cache folder defaulting to
+    ``~/.cache/alexnet-deploy``: one cache shared by every build of this user."""
+    base = os.environ.get("ALEXNET_DEPLOY_CACHE") or Path.home() / ".cache" / "alexnet-deploy"
+    return Path(base) / "tensorrt-timing.cache"
+
+
+def build_plan(onnx_bytes: bytes, *, max_batch: int, min_batch: int = 1,
+               opt_batch: int | None = None, workspace: int = WORKSPACE_BYTES,
+               timing_cache: TimingCache | None = None,
+               say: Callable[[str], None] | None = None) -> bytes:
     """Parse an ONNX model into a strongly typed network and build a serialized plan with one
-    optimization profile: batch 1 to ``max_batch``, tuned for ``max_batch``."""
+    optimization profile.
+
+    Args:
+        onnx_bytes: the serialized ONNX graph (precision already applied).
+        max_batch: largest batch of the profile.
+        min_batch: smallest batch of the profile. Defaults to 1.
+        opt_batch: the batch TensorRT chooses kernels for. Defaults to
+            :func:`default_opt_batch` of ``min_batch`` and ``max_batch``.
+        workspace: builder scratch memory in bytes. Defaults to 1 GiB.
+        timing_cache: read before and written after the build. Defaults to None (no cache).
+        say: where warnings go (a cache that belongs to another TensorRT or GPU). Defaults to
+            dropping them.
+
+    Raises:
+        UserError: TensorRT cannot make a builder, parse the model or build the plan.
+    """
     import tensorrt as trt
 
+    say = say or (lambda msg: None)
+    opt_batch = default_opt_batch(min_batch, max_batch) if opt_batch is None else opt_batch
     builder = _make(trt.Builder, "a builder")
     network = builder.create_network(network_flags(trt))
     parser = trt.OnnxParser(network, logger())
@@ -160,12 +263,19 @@ def build_plan(onnx_bytes: bytes, *, max_batch: int, workspace: int = WORKSPACE_
     config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, workspace)
     config.clear_flag(trt.BuilderFlag.TF32)
     profile = builder.create_optimization_profile()
-    profile.set_shape(tensor.name, (1, *chw), (max_batch, *chw), (max_batch, *chw))
+    profile.set_shape(tensor.name, (min_batch, *chw), (opt_batch, *chw), (max_batch, *chw))
     config.add_optimization_profile(profile)
+    if timing_cache is not None:
+        cache = config.create_timing_cache(timing_cache.load(trt.__version__, say))
+        if not config.set_timing_cache(cache, False):  # TensorRT's own check refused it too
+            say(f"TensorRT refused timing cache {timing_cache.path}: ignored")
+            config.set_timing_cache(config.create_timing_cache(b""), False)
     plan = builder.build_serialized_network(network, config)
     if plan is None:
         raise UserError(f"TensorRT {trt.__version__} failed to build the engine (its log above "
                         "says why); try a smaller --max-batch")
+    if timing_cache is not None:
+        timing_cache.save(bytes(config.get_timing_cache().serialize()), trt.__version__, say)
     return bytes(plan)
 
 
@@ -359,8 +469,16 @@ class TensorRtBackend(Backend):
         return {"gpu": device.name(), "gpu_compute_capability": f"{major}.{minor}"}
 
     def build(self, graph: onnx.ModelProto, engine_dir: Path, *, max_batch: int = 64,
-              threads: int | None = None) -> list[str]:
-        plan = build_plan(graph.SerializeToString(), max_batch=max_batch)
+              threads: int | None = None, min_batch: int = 1, opt_batch: int | None = None,
+              timing_cache: Path | None = None,
+              say: Callable[[str], None] | None = None) -> list[str]:
+        """Write ``model.engine``: the plan for batches ``min_batch..max_batch``, tuned for
+        ``opt_batch``, reading and updating the ``timing_cache`` file (None: none). Warnings go
+        to ``say``."""
+        cache = None if timing_cache is None else TimingCache(Path(timing_cache),
+                                                              self.device_info())
+        plan = build_plan(graph.SerializeToString(), min_batch=min_batch, opt_batch=opt_batch,
+                          max_batch=max_batch, timing_cache=cache, say=say)
         (Path(engine_dir) / ARTIFACT).write_bytes(plan)
         return [ARTIFACT]
 

@@ -3,6 +3,7 @@ generated from each, the simulated TensorRT behind it and the pycuda model."""
 
 from __future__ import annotations
 
+import importlib.machinery
 import sys
 from types import SimpleNamespace
 
@@ -31,6 +32,8 @@ def install(monkeypatch, api: dict, **sim_options) -> SimpleNamespace:
     holder: list = []
     trt = make_fake(api, sim.behaviours(holder, cuda_model))
     holder.append(trt)
+    for module in (trt, pycuda, driver):  # importlib.util.find_spec wants a spec
+        module.__spec__ = importlib.machinery.ModuleSpec(module.__name__, None)
     monkeypatch.setitem(sys.modules, "tensorrt", trt)
     monkeypatch.setitem(sys.modules, "pycuda", pycuda)
     monkeypatch.setitem(sys.modules, "pycuda.driver", driver)
@@ -39,9 +42,10 @@ def install(monkeypatch, api: dict, **sim_options) -> SimpleNamespace:
 
 
 @pytest.fixture
-def env(api, monkeypatch) -> SimpleNamespace:
+def env(api, monkeypatch, tmp_path) -> SimpleNamespace:
     """The fakes installed for one version: ``env.trt``, ``env.sim``, ``env.cuda``."""
     from alexnet_deploy.backends import tensorrt as trt_backend
 
+    monkeypatch.setenv("ALEXNET_DEPLOY_CACHE", str(tmp_path / "cache"))
     yield install(monkeypatch, api)
     trt_backend._available.cache_clear()

@@ -6,6 +6,7 @@ the runner frees everything it allocates, from one thread or many."""
 
 from __future__ import annotations
 
+import json
 import threading
 
 import numpy as np
@@ -240,3 +241,61 @@ def test_engines_from_another_tensorrt_or_gpu_are_refused(env):
         backend.check_compatible(_Sidecar(here, "8.0"))
     assert backend.device_info() == {"gpu": "NVIDIA H100 80GB HBM3",
                                      "gpu_compute_capability": "9.0"}
+
+
+# ---- the optimization profile and the timing cache ----
+
+@pytest.mark.parametrize("lo, hi, opt", [(1, 64, 8), (1, 1, 1), (1, 256, 16), (4, 8, 4),
+                                         (1, 8, 2), (32, 64, 32)])
+def test_default_opt_batch_is_the_log_middle_of_the_range(lo, hi, opt):
+    assert trt_backend.default_opt_batch(lo, hi) == opt
+
+
+def test_profile_min_opt_max_reach_the_plan_and_the_runner(env):
+    plan = trt_backend.build_plan(b"ONNX", min_batch=2, max_batch=64)
+    shapes = next(c[2:] for c in env.sim.calls if c[0] == "profile.set_shape")
+    assert shapes == ((2, *CHW), (8, *CHW), (64, *CHW))  # sqrt(2 x 64) = 2^3.5 -> 8
+    runner = trt_backend.TensorRtRunner(plan, META)
+    assert (runner.input_metadata().min_batch, runner.input_metadata().max_batch) == (2, 64)
+    runner.close()
+
+
+def test_timing_cache_is_written_then_read_and_ignored_from_another_gpu(env, tmp_path):
+    device = {"gpu": "NVIDIA H100 80GB HBM3", "gpu_compute_capability": "9.0"}
+    cache = trt_backend.TimingCache(tmp_path / "t.cache", device)
+    said: list[str] = []
+    trt_backend.build_plan(b"ONNX", max_batch=8, timing_cache=cache, say=said.append)
+    assert said == []
+    first = (tmp_path / "t.cache").read_bytes()
+    assert json.loads((tmp_path / "t.cache.json").read_text()) == {
+        "tensorrt": env.trt.__version__, **device}
+    env.sim.calls.clear()
+    trt_backend.build_plan(b"ONNX", max_batch=8, timing_cache=cache, say=said.append)
+    assert ("config.create_timing_cache", first) in env.sim.calls  # the cache was read
+    assert said == []
+    other = trt_backend.TimingCache(tmp_path / "t.cache", {**device, "gpu": "NVIDIA A100"})
+    env.sim.calls.clear()
+    trt_backend.build_plan(b"ONNX", max_batch=8, timing_cache=other, say=said.append)
+    assert ("config.create_timing_cache", b"") in env.sim.calls  # ignored ...
+    assert len(said) == 1 and "is from TensorRT" in said[0] and "NVIDIA A100" in said[0]
+    assert json.loads((tmp_path / "t.cache.json").read_text())["gpu"] == "NVIDIA A100"  # replaced
+
+
+def test_build_engine_records_the_profile_and_cache_in_the_sidecar(env, small_model, tmp_path):
+    from alexnet_deploy.build import build_engine
+    from alexnet_deploy.engine import load_engine, read_sidecar
+
+    result = build_engine(small_model["onnx"], "fp32", tmp_path / "e", backend="tensorrt",
+                          max_batch=64, progress=False)
+    sidecar = read_sidecar(tmp_path / "e")
+    assert (sidecar.min_batch, sidecar.opt_batch, sidecar.max_batch) == (1, 8, 64)
+    assert sidecar.timing_cache == str(tmp_path / "cache" / "tensorrt-timing.cache")
+    assert (tmp_path / "cache" / "tensorrt-timing.cache").exists()
+    assert any("tuned for 8" in line for line in result.summary())
+    with load_engine(tmp_path / "e") as engine:
+        x = batch(3)
+        np.testing.assert_allclose(engine.infer(x), expected_logits(x), rtol=1e-5)
+    assert_nothing_leaked(env)
+    with pytest.raises(UserError, match="--opt-batch must be between"):
+        build_engine(small_model["onnx"], "fp32", tmp_path / "f", backend="tensorrt",
+                     max_batch=8, opt_batch=16)
