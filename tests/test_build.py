@@ -134,8 +134,8 @@ def test_backend_not_installed_says_how_to_install(small_model, tmp_path):
         pytest.skip("TensorRT is installed here")
     expect_error(run("--model", str(small_model["onnx"]), "--precision", "fp32",
                      "--backend", "tensorrt", "--out", str(tmp_path / "e")),
-                 "pip install tensorrt pycuda on a GPU machine, or use the NGC TensorRT "
-                 "container")
+                 "pip install tensorrt pycuda --extra-index-url https://pypi.nvidia.com "
+                 "(tensorrt is the CUDA 13 build: with a CUDA 12 driver install tensorrt-cu12")
 
 
 def test_model_whose_input_does_not_match_its_spec(small_model, tmp_path):

@@ -9,9 +9,13 @@ argument type, enum and read-only property as the bindings define them), with a 
 pycuda 2026.1's context rules (per-thread context stacks; frees in a detached context leak);
 and the module imports without ``tensorrt`` or ``pycuda``.
 
-Install on a GPU machine: ``pip install tensorrt pycuda`` (NVIDIA's wheels on PyPI, or
-``--extra-index-url https://pypi.nvidia.com``), or run inside the NGC TensorRT container
-(``nvcr.io/nvidia/tensorrt``) and ``pip install pycuda`` there.
+Install on a GPU machine (:data:`INSTALL_HINT`): ``pip install tensorrt pycuda --extra-index-url
+https://pypi.nvidia.com``. ``tensorrt`` resolves to the CUDA 13 build (``tensorrt-cu13``); a
+machine whose driver supports only CUDA 12 needs ``tensorrt-cu12``. The native libraries
+(``tensorrt-cu1N-libs``) come from NVIDIA's index, not PyPI proper. pycuda has no wheels: it
+compiles from source and needs the CUDA toolkit (``nvcc``, ``cuda.h``), not only the driver. Or
+run inside the NGC TensorRT container (``nvcr.io/nvidia/tensorrt``) and ``pip install pycuda``
+there.
 
 Precision comes from the ONNX graph, never from builder flags. TensorRT 11 networks are always
 strongly typed: ``BuilderFlag.FP16``/``INT8`` and the INT8 calibrators are gone. TensorRT 10 gets
@@ -71,7 +75,11 @@ if TYPE_CHECKING:
     import onnx
 
 ARTIFACT = "model.engine"
-INSTALL_HINT = "pip install tensorrt pycuda on a GPU machine, or use the NGC TensorRT container"
+INSTALL_HINT = (
+    "on a machine with an NVIDIA GPU, pip install tensorrt pycuda --extra-index-url "
+    "https://pypi.nvidia.com (tensorrt is the CUDA 13 build: with a CUDA 12 driver install "
+    "tensorrt-cu12 instead; the native libraries come from NVIDIA's index; pycuda compiles from "
+    "source and needs the CUDA toolkit: nvcc and cuda.h), or use the NGC TensorRT container")
 WORKSPACE_BYTES = 1 << 30  # builder scratch memory; AlexNet's largest tactic needs far less
 
 
