@@ -284,19 +284,18 @@ def validate(engine, reference, data, json_path, max_top1_drop, min_agreement, l
                    "[default: synthetic:test, else random N(0,1) data]")
 @click.option("--no-transfers", is_flag=True,
               help="GPU engines: time compute only, without host-device copies.")
-@click.option("--cuda-graph", is_flag=True, help="GPU engines: replay a captured CUDA graph.")
 @click.option("--json", "json_path", metavar="FILE", help="Write the results as JSON.")
 @click.option("--report", "report_path", metavar="FILE.md",
               help="Write a markdown report with PNG plots beside it.")
 def bench(engines, reference, batch_sizes, duration, iterations, warmup, threads, data,
-          no_transfers, cuda_graph, json_path, report_path) -> None:
+          no_transfers, json_path, report_path) -> None:
     """Measure latency (min/p50/p90/p95/p99/max) and throughput of engines, trtexec-style."""
     from alexnet_deploy.bench import run_bench
 
     run_bench(list(engines), reference=reference,
               batch_sizes=parse_csv(batch_sizes, int, "--batch-sizes"), duration=duration,
               iterations=iterations, warmup=warmup, threads=threads, data=data,
-              transfers=not no_transfers, cuda_graph=cuda_graph, json_path=json_path,
+              transfers=not no_transfers, json_path=json_path,
               report_path=report_path, echo=click.echo,
               warn=lambda msg: click.echo(f"warning: {msg}", err=True))
 

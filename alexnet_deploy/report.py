@@ -129,14 +129,15 @@ def results_rows(results: Sequence[BenchResult]) -> list[dict[str, Any]]:
 
 
 def stage_rows(results: Sequence[BenchResult]) -> list[dict[str, Any]]:
-    """GPU runners' H2D / compute / D2H medians (empty when no runner reported them)."""
+    """GPU runners' H2D / compute / D2H medians and the enqueue (launch) time (empty when no
+    runner reported them)."""
     rows = []
     for res in results:
         for r in res.results:
             if r.stages_ms:
                 row = {"engine": res.name, "batch": r.batch_size}
                 for key, label in (("h2d", "H2D p50 ms"), ("compute", "compute p50 ms"),
-                                   ("d2h", "D2H p50 ms")):
+                                   ("d2h", "D2H p50 ms"), ("enqueue", "enqueue p50 ms")):
                     row[label] = r.stages_ms[key].p50 if key in r.stages_ms else None
                 rows.append(row)
     return rows

@@ -58,8 +58,26 @@ class InputMetadata:
 class Runner(ABC):
     """A loaded engine. ``infer`` takes a float32 NCHW batch and returns float32 logits."""
 
+    #: what ``bench`` may ask of this runner beyond ``infer`` (GPU runners; CPU runners have
+    #: none): ``"no_transfers"`` (:meth:`set_transfers`) and ``"stage_timings"``
+    #: (:meth:`timings`).
+    capabilities: frozenset[str] = frozenset()
+
     @abstractmethod
     def infer(self, batch: np.ndarray) -> np.ndarray: ...
+
+    def set_transfers(self, transfers: bool) -> None:
+        """With ``"no_transfers"`` in :attr:`capabilities`: ``False`` keeps each distinct
+        input batch resident on the device after its first upload and skips copying the logits
+        back (``infer`` then returns no logits: for timing only). Others raise."""
+        raise NotImplementedError(f"{type(self).__name__} has no host-device transfers to skip")
+
+    def timings(self) -> dict[str, float] | None:
+        """With ``"stage_timings"`` in :attr:`capabilities`: the calling thread's last
+        ``infer`` call's ``h2d``, ``compute`` and ``d2h`` times in ms from CUDA events (a key is
+        absent when the stage was skipped), and ``enqueue``, the host time of the launch call.
+        Defaults to None."""
+        return None
 
     @abstractmethod
     def input_metadata(self) -> InputMetadata: ...

@@ -299,3 +299,44 @@ def test_build_engine_records_the_profile_and_cache_in_the_sidecar(env, small_mo
     with pytest.raises(UserError, match="--opt-batch must be between"):
         build_engine(small_model["onnx"], "fp32", tmp_path / "f", backend="tensorrt",
                      max_batch=8, opt_batch=16)
+
+
+# ---- bench: transfers, the stage split ----
+
+def test_timings_split_each_call_and_no_transfers_keeps_inputs_resident(env):
+    plan = trt_backend.build_plan(b"ONNX", max_batch=8)
+    runner = trt_backend.TensorRtRunner(plan, META)
+    assert runner.capabilities >= {"no_transfers", "stage_timings"}
+    x = batch(4)
+    runner.infer(x)
+    t = runner.timings()
+    assert set(t) == {"h2d", "compute", "d2h", "enqueue"} and all(v >= 0 for v in t.values())
+    runner.set_transfers(False)
+    allocations = env.cuda.live_of("device allocation")
+    inputs = [batch(4, seed=s) for s in range(3)]
+    for _ in range(3):
+        for xi in inputs:
+            assert runner.infer(xi).shape == (0, NUM_CLASSES)  # logits stay on the device
+    assert env.cuda.live_of("device allocation") == allocations + 3  # one upload per input
+    assert set(runner.timings()) == {"compute", "enqueue"}
+    # the resident input is what the engine ran on
+    runner.set_transfers(True)
+    np.testing.assert_allclose(runner.infer(inputs[1]), expected_logits(inputs[1]), rtol=1e-5)
+    runner.close()
+    assert_nothing_leaked(env)
+
+
+def test_bench_reports_the_stage_split_for_tensorrt(env):
+    from alexnet_deploy.bench import BenchTarget, bench_runners
+
+    runner = trt_backend.TensorRtRunner(trt_backend.build_plan(b"ONNX", max_batch=8), META)
+    try:
+        (res,) = bench_runners([BenchTarget("trt", runner, backend="tensorrt")], [1, 8],
+                               iterations=4, warmup=0.001, data="random", progress=False)
+    finally:
+        runner.close()
+    assert set(res.results[1].stages_ms) == {"h2d", "compute", "d2h", "enqueue"}
+    assert res.results[1].stages_ms["compute"].count == 4
+    assert res.notes == ["host-device transfers included (H2D + D2H inside each call); no CUDA "
+                         "graphs (every call launches its work anew)"]
+    assert_nothing_leaked(env)
