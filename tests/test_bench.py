@@ -242,9 +242,9 @@ def test_gpu_runner_capabilities_are_used():
     assert stages["compute"].p50 == pytest.approx(0.3) and stages["compute"].count == 5
     assert stages["enqueue"].p50 == pytest.approx(0.02)
     assert "stages_ms" in res.results[0].to_dict() and other.results[0].stages_ms == {}
-    assert res.notes == ["transfers excluded (--no-transfers: inputs resident on the device, "
-                         "logits not copied back); no CUDA graphs (every call launches its "
-                         "work anew)"]
+    assert res.notes == [("transfers excluded (--no-transfers: inputs resident on the device, "
+                          "logits not copied back); no CUDA graphs (every call launches its "
+                          "work anew)")]
 
 
 def test_unique_names():

@@ -337,6 +337,6 @@ def test_bench_reports_the_stage_split_for_tensorrt(env):
         runner.close()
     assert set(res.results[1].stages_ms) == {"h2d", "compute", "d2h", "enqueue"}
     assert res.results[1].stages_ms["compute"].count == 4
-    assert res.notes == ["host-device transfers included (H2D + D2H inside each call); no CUDA "
-                         "graphs (every call launches its work anew)"]
+    assert res.notes == [("host-device transfers included (H2D + D2H inside each call); no CUDA "
+                          "graphs (every call launches its work anew)")]
     assert_nothing_leaked(env)
