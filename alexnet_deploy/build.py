@@ -105,7 +105,8 @@ def build_engine(model_path: str | Path, precision: str, out: str | Path, *,
                  max_batch: int = 64, max_top1_drop: float | None = None,
                  calibration_data: str | None = None, threads: int | None = None,
                  progress: bool = True, min_batch: int = 1, opt_batch: int | None = None,
-                 timing_cache: str | Path | None | bool = True) -> BuildResult:
+                 timing_cache: str | Path | None | bool = True,
+                 int8_fallback: str | None = None) -> BuildResult:
     """Build an engine folder from an exported model.
 
     Args:
@@ -129,6 +130,9 @@ def build_engine(model_path: str | Path, precision: str, out: str | Path, *,
         timing_cache: TensorRT timing cache file, read and updated; True for the default
             (``~/.cache/alexnet-deploy/tensorrt-timing.cache``), False or None for none.
             Defaults to True.
+        int8_fallback: INT8 only: the precision of what is not quantized, ``fp32`` or ``fp16``
+            (TensorRT only). Defaults to the backend's (TensorRT ``fp16``, CPU backends
+            ``fp32``).
 
     Raises:
         UserError: a bad option, a model or calibration that does not fit, a backend that is
@@ -152,6 +156,11 @@ def build_engine(model_path: str | Path, precision: str, out: str | Path, *,
     if opt_batch is not None and not min_batch <= opt_batch <= max_batch:
         raise UserError(f"--opt-batch must be between --min-batch ({min_batch}) and "
                         f"--max-batch ({max_batch}), got {opt_batch}")
+    if int8_fallback not in (None, "fp32", "fp16"):
+        raise UserError(f"--int8-fallback must be fp32 or fp16, got {int8_fallback!r}")
+    if int8_fallback is not None and precision != "int8":
+        raise UserError("--int8-fallback sets what an INT8 engine does not quantize: use it "
+                        "with --precision int8")
     if precision == "int8" and calibration is None:
         raise UserError("INT8 needs --calibration FILE (from 'alexnet-deploy calibrate' on this "
                         "model)")
@@ -172,6 +181,10 @@ def build_engine(model_path: str | Path, precision: str, out: str | Path, *,
         calibration = None
 
     engine_backend = get_backend(backend)  # before the slow part: fail fast when not installed
+    if int8_fallback == "fp16" and engine_backend.name != "tensorrt":
+        raise UserError(f"--int8-fallback fp16 is a TensorRT setting; {engine_backend.name} runs "
+                        "FP16 through casts on the CPU: use fp32 (the default) there")
+    fallback = int8_fallback or engine_backend.default_int8_fallback
     model_path = Path(model_path)
     model = load_onnx(model_path)
     info = read_model_info(model)
@@ -191,7 +204,7 @@ def build_engine(model_path: str | Path, precision: str, out: str | Path, *,
         mixed = _choose_fp32_layers(model, cal, calibration_data, spec, info.classes,
                                     max_top1_drop, engine_backend.qdq_target, progress)
         keep_fp32 = list(mixed.fp32_layers)
-    graph = engine_backend.precision_graph(model, precision, cal, tuple(keep_fp32))
+    graph = engine_backend.precision_graph(model, precision, cal, tuple(keep_fp32), fallback)
     per_layer = layer_precision(graph, layers) if precision != "fp32" else \
         {name: "fp32" for name in layers}
 
@@ -228,7 +241,9 @@ def build_engine(model_path: str | Path, precision: str, out: str | Path, *,
             build_seconds=time.perf_counter() - start,
             built_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
             host=host_info(**engine_backend.device_info()),
-            notes=engine_backend.notes(precision),
+            notes=engine_backend.notes(precision) + (
+                ["INT8 with FP16 elsewhere: what is not quantized runs in FP16, LRN and "
+                 "softmax in FP32"] if precision == "int8" and fallback == "fp16" else []),
         )
         write_sidecar(tmp, sidecar)
     return BuildResult(path=out, sidecar=sidecar, size_bytes=size, mixed=mixed,

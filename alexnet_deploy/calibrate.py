@@ -168,8 +168,17 @@ def trt_version_number(version: str) -> int:
 def default_trt_version() -> str:
     """The installed TensorRT's version if it is 10 or older (read from package metadata,
     nothing imported), else :data:`DEFAULT_TRT_VERSION`."""
+    return trt_header_version(None)[0]
+
+
+def trt_header_version(given: str | None) -> tuple[str, str]:
+    """``(version, why)``: the TensorRT version a calibration cache header names, and why that
+    one: ``given`` (``--trt-version``), else the installed TensorRT 10 or older, else
+    :data:`DEFAULT_TRT_VERSION` (TensorRT 11 reads no calibration caches)."""
     from importlib import metadata
 
+    if given:
+        return given, "given with --trt-version"
     for dist in _TRT_DISTRIBUTIONS:
         try:
             installed = metadata.version(dist)
@@ -177,8 +186,10 @@ def default_trt_version() -> str:
             continue
         major = installed.split(".")[0]
         if major.isdigit() and int(major) <= 10:
-            return installed
-    return DEFAULT_TRT_VERSION
+            return installed, f"the installed {dist}"
+        return DEFAULT_TRT_VERSION, (f"the newest TensorRT 10: the installed {dist} {installed} "
+                                     "reads no calibration caches")
+    return DEFAULT_TRT_VERSION, "the newest TensorRT 10: no TensorRT is installed here"
 
 
 def trt_cache_text(scales: dict[str, float], version: str = DEFAULT_TRT_VERSION) -> str:
@@ -442,8 +453,8 @@ def calibrate(model: str | Path, data: str | Path, out: str | Path, *,
         raise UserError(f"--percentile is an option of --method percentile, not {method}")
     calibrator = make_calibrator(method, **({} if percentile is None else
                                             {"percentile": percentile}))
-    trt_version = trt_version or default_trt_version()
-    trt_version_number(trt_version)
+    trt_version, trt_why = trt_header_version(trt_version)
+    header = trt_version_number(trt_version)
 
     model = Path(model)
     proto = load_onnx(model, load_weights=False)
@@ -509,7 +520,7 @@ def calibrate(model: str | Path, data: str | Path, out: str | Path, *,
     seconds = time.perf_counter() - t0
     say(f"calibrated {len(amax)} tensors on {stats.num_images} images with {method} in "
         f"{seconds:.1f} s (model runs and histograms {stats.seconds:.1f} s) -> {out}, "
-        f"{cache_path.name} (TensorRT {trt_version})")
+        f"{cache_path.name} (its header TRT-{header} names TensorRT {trt_version}, {trt_why})")
     return calibration
 
 

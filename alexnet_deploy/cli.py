@@ -202,6 +202,9 @@ def calibrate(model, data, method, percentile, num_images, batch_size, seed, trt
                    "from another TensorRT version or GPU).  "
                    "[default: ~/.cache/alexnet-deploy/tensorrt-timing.cache]")
 @click.option("--no-timing-cache", is_flag=True, help="TensorRT: time every tactic afresh.")
+@click.option("--int8-fallback", type=click.Choice(["fp32", "fp16"]), default=None,
+              help="INT8: what the Q/DQ pairs leave unquantized runs in this precision "
+                   "(TensorRT; LRN stays FP32).  [default: fp16 on TensorRT, fp32 elsewhere]")
 @click.option("--max-top1-drop", type=float, default=None, metavar="X",
               help="INT8: keep the layers that cost most accuracy in FP32 until the top-1 drop "
                    "measured on --calibration-data is at most X percentage points.")
@@ -211,7 +214,7 @@ def calibrate(model, data, method, percentile, num_images, batch_size, seed, trt
 @click.option("--out", required=True, metavar="engines/NAME",
               help="Engine folder to write (an earlier engine there is replaced).")
 def build(model, precision, calibration, backend, max_batch, min_batch, opt_batch, timing_cache,
-          no_timing_cache, max_top1_drop, calibration_data, threads, out) -> None:
+          no_timing_cache, int8_fallback, max_top1_drop, calibration_data, threads, out) -> None:
     """Build an engine folder (backend artifact + engine.json sidecar) from an ONNX model."""
     from alexnet_deploy.build import build_engine
 
@@ -221,7 +224,8 @@ def build(model, precision, calibration, backend, max_batch, min_batch, opt_batc
                           max_batch=max_batch, max_top1_drop=max_top1_drop,
                           calibration_data=calibration_data, threads=threads,
                           min_batch=min_batch, opt_batch=opt_batch,
-                          timing_cache=False if no_timing_cache else (timing_cache or True))
+                          timing_cache=False if no_timing_cache else (timing_cache or True),
+                          int8_fallback=int8_fallback)
     for line in result.summary():
         click.echo(line)
 

@@ -662,6 +662,58 @@ def to_int8(model: onnx.ModelProto, calibration: Any, target: Target = "tensorrt
     return out
 
 
+FP16_QDQ_OPSET = 19  # QuantizeLinear / DequantizeLinear with float16 input and scales
+
+
+def to_int8_fp16(model: onnx.ModelProto, calibration: Any, target: Target = "tensorrt",
+                 keep_fp32: Iterable[str] = ()) -> onnx.ModelProto:
+    """INT8 where :func:`to_int8` quantizes, FP16 everywhere else: TensorRT's usual production
+    setting, written into the graph for strongly typed networks.
+
+    :func:`to_int8`'s graph, raised to opset 19 when older (float16 Q/DQ scales need
+    QuantizeLinear-19), then :func:`to_fp16`: the Q/DQ scales become float16, so under strong
+    typing every dequantized tensor, bias, pooling and un-quantized layer runs in FP16. LRN and
+    Softmax blocks stay FP32 between casts, as in :func:`to_fp16` (an FP16 LRN overflows on a
+    trained model's strongest activations). Layers in ``keep_fp32`` are not quantized and so run
+    in FP16, not FP32.
+
+    Args:
+        model: a float32 model, as for :func:`to_int8`. Not modified.
+        calibration: as for :func:`to_int8`.
+        target: the Q/DQ placement. Defaults to ``"tensorrt"``.
+        keep_fp32: layers left unquantized (in FP16 here). Defaults to none.
+
+    Returns:
+        A new model; ``metadata_props`` as :func:`to_int8` writes them, with
+        ``layer_precision`` ``"int8"`` or ``"fp16"`` and ``alexnet_deploy.int8_fallback``
+        ``"fp16"``.
+
+    Raises:
+        UserError: as :func:`to_int8`, or the graph cannot be raised to opset 19.
+    """
+    q = to_int8(model, calibration, target, keep_fp32)
+    props = {p.key: p.value for p in q.metadata_props}
+    if opset_version(q) < FP16_QDQ_OPSET:
+        from onnx import version_converter
+
+        try:
+            q = version_converter.convert_version(q, FP16_QDQ_OPSET)
+        except Exception as e:  # noqa: BLE001 - the converter raises bare RuntimeErrors
+            raise UserError(f"INT8 with FP16 needs opset >= {FP16_QDQ_OPSET} and this graph "
+                            f"(opset {opset_version(q)}) cannot be converted ({e}): re-export "
+                            f"with --opset {FP16_QDQ_OPSET}") from e
+    out = to_fp16(q)
+    del out.metadata_props[:]
+    for key, value in props.items():
+        entry = out.metadata_props.add()
+        entry.key, entry.value = key, value
+    layers = json.loads(props[META_PREFIX + "layer_precision"])
+    _set_meta(out, "layer_precision", {k: "int8" if v == "int8" else "fp16"
+                                       for k, v in layers.items()})
+    _set_meta(out, "int8_fallback", "fp16")
+    return out
+
+
 # ---------------------------------------------------------------------------------------------
 # LRN laid out for ONNX Runtime's integer kernels
 

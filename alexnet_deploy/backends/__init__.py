@@ -122,18 +122,26 @@ class Backend(ABC):
     #: backends run the dynamic-batch graph at any batch size
     fixed_batch_range: bool = False
 
+    #: what an INT8 graph leaves unquantized runs in: ``fp32`` or ``fp16``
+    #: (:func:`~alexnet_deploy.quantize.to_int8_fp16`); ``build --int8-fallback`` overrides it
+    default_int8_fallback: str = "fp32"
+
     def precision_graph(self, graph: onnx.ModelProto, precision: str, calibration: Any = None,
-                        keep_fp32: tuple[str, ...] = ()) -> onnx.ModelProto:
+                        keep_fp32: tuple[str, ...] = (), int8_fallback: str | None = None,
+                        ) -> onnx.ModelProto:
         """The canonical export ``graph`` in ``precision``: ``fp32`` unchanged, ``fp16``
         :func:`~alexnet_deploy.quantize.to_fp16`, ``int8`` :func:`~alexnet_deploy.quantize.to_int8`
-        with this backend's :attr:`qdq_target` and the ``keep_fp32`` layers left in FP32."""
+        with this backend's :attr:`qdq_target` and the ``keep_fp32`` layers left unquantized;
+        with ``int8_fallback`` ``"fp16"`` (default :attr:`default_int8_fallback`) what is not
+        quantized runs in FP16 (:func:`~alexnet_deploy.quantize.to_int8_fp16`)."""
         from alexnet_deploy import quantize
 
         if precision == "fp16":
             return quantize.to_fp16(graph)
         if precision == "int8":
-            return quantize.to_int8(graph, calibration, target=self.qdq_target,
-                                    keep_fp32=tuple(keep_fp32))
+            fallback = int8_fallback or self.default_int8_fallback
+            make = quantize.to_int8_fp16 if fallback == "fp16" else quantize.to_int8
+            return make(graph, calibration, target=self.qdq_target, keep_fp32=tuple(keep_fp32))
         return graph
 
     def rewrite_graph(self, graph: onnx.ModelProto) -> onnx.ModelProto:

@@ -521,6 +521,7 @@ class TensorRtBackend(Backend):
     device = "gpu"
     qdq_target = "tensorrt"
     fixed_batch_range = True
+    default_int8_fallback = "fp16"  # see docs/results-tensorrt.md for the agreement it keeps
 
     def available(self) -> bool:
         return _available()

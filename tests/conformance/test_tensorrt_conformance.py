@@ -10,6 +10,7 @@ import json
 import threading
 
 import numpy as np
+import onnx
 import pytest
 from simulation import CHW, NUM_CLASSES
 
@@ -340,3 +341,40 @@ def test_bench_reports_the_stage_split_for_tensorrt(env):
     assert res.notes == [("host-device transfers included (H2D + D2H inside each call); no CUDA "
                           "graphs (every call launches its work anew)")]
     assert_nothing_leaked(env)
+
+
+# ---- INT8 with FP16 elsewhere ----
+
+def test_int8_engines_default_to_fp16_elsewhere_on_tensorrt(env, small_model, tmp_path):
+    from alexnet_deploy.build import build_engine
+
+    built = []
+    real = trt_backend.build_plan
+
+    def spy(onnx_bytes, **kw):
+        built.append(onnx.load_from_string(onnx_bytes))
+        return real(onnx_bytes, **kw)
+
+    trt_backend.build_plan = spy
+    try:
+        a = build_engine(small_model["onnx"], "int8", tmp_path / "a", backend="tensorrt",
+                         calibration=small_model["calibration"], max_batch=8, progress=False)
+        b = build_engine(small_model["onnx"], "int8", tmp_path / "b", backend="tensorrt",
+                         calibration=small_model["calibration"], max_batch=8, progress=False,
+                         int8_fallback="fp32")
+    finally:
+        trt_backend.build_plan = real
+    fallback = [{p.key: p.value for p in g.metadata_props}.get("alexnet_deploy.int8_fallback")
+                for g in built]
+    assert fallback == ['"fp16"', None]
+    assert a.sidecar.precision == "int8" and set(a.sidecar.layer_precision.values()) == {"int8"}
+    assert any("INT8 with FP16 elsewhere" in n for n in a.sidecar.notes)
+    assert not any("FP16 elsewhere" in n for n in b.sidecar.notes)
+
+
+def test_fp16_fallback_is_refused_on_cpu_backends(small_model, tmp_path):
+    from alexnet_deploy.build import build_engine
+
+    with pytest.raises(UserError, match="--int8-fallback fp16 is a TensorRT setting"):
+        build_engine(small_model["onnx"], "int8", tmp_path / "c", backend="onnxruntime",
+                     calibration=small_model["calibration"], int8_fallback="fp16")
