@@ -242,8 +242,8 @@ def build_engine(model_path: str | Path, precision: str, out: str | Path, *,
             built_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
             host=host_info(**engine_backend.device_info()),
             notes=engine_backend.notes(precision) + (
-                ["INT8 with FP16 elsewhere: what is not quantized runs in FP16, LRN and "
-                 "softmax in FP32"] if precision == "int8" and fallback == "fp16" else []),
+                [("INT8 with FP16 elsewhere: what is not quantized runs in FP16, LRN and "
+                  "softmax in FP32")] if precision == "int8" and fallback == "fp16" else []),
         )
         write_sidecar(tmp, sidecar)
     return BuildResult(path=out, sidecar=sidecar, size_bytes=size, mixed=mixed,

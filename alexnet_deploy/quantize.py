@@ -698,7 +698,7 @@ def to_int8_fp16(model: onnx.ModelProto, calibration: Any, target: Target = "ten
 
         try:
             q = version_converter.convert_version(q, FP16_QDQ_OPSET)
-        except Exception as e:  # noqa: BLE001 - the converter raises bare RuntimeErrors
+        except Exception as e:  # the converter raises bare RuntimeErrors
             raise UserError(f"INT8 with FP16 needs opset >= {FP16_QDQ_OPSET} and this graph "
                             f"(opset {opset_version(q)}) cannot be converted ({e}): re-export "
                             f"with --opset {FP16_QDQ_OPSET}") from e

@@ -423,8 +423,8 @@ def test_real_cifar_images_every_method(shared_data, tmp_path):
 @pytest.mark.parametrize("installed, expected", [
     ({}, ("10.16.1", "no TensorRT is installed here")),
     ({"tensorrt-cu12": "10.3.0.26"}, ("10.3.0.26", "the installed tensorrt-cu12")),
-    ({"tensorrt": "11.4.0.106"}, ("10.16.1", "the installed tensorrt 11.4.0.106 reads no "
-                                             "calibration caches")),
+    ({"tensorrt": "11.4.0.106"}, ("10.16.1", ("the installed tensorrt 11.4.0.106 reads no "
+                                              "calibration caches"))),
 ])
 def test_cache_header_names_the_installed_tensorrt_and_says_why(monkeypatch, installed,
                                                                  expected):
