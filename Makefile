@@ -11,7 +11,7 @@ BIN    := $(VENV)/bin
 TORCH  ?= torch==2.13.0
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test lint clean
+.PHONY: demo test lint clean gpu-check
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -29,8 +29,14 @@ test: $(STAMP)
 	$(BIN)/python -m pytest -q -m "not openvino"
 	$(BIN)/python -m pytest -q -m openvino
 
+# Everything that needs an NVIDIA GPU (GPU tests, CUDA training, TensorRT engines, bench), with
+# one report in gpu-check/gpu-check.md. Install TensorRT and pycuda first (the README's GPU
+# section says how); without them the TensorRT steps are skipped and reported as such.
+gpu-check: $(STAMP)
+	scripts/gpu-check.sh gpu-check
+
 lint: $(STAMP)
 	$(BIN)/ruff check alexnet_deploy tests benchmarks
 
 clean:
-	rm -rf $(VENV) demo-report
+	rm -rf $(VENV) demo-report gpu-check
