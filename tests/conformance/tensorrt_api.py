@@ -108,8 +108,11 @@ def _unpacked(version: str) -> Path:
 
 def imported_symbols(bindings: Path) -> set[str]:
     """The undefined symbols of the bindings' extension that NVIDIA's libraries provide."""
-    out = subprocess.run(["nm", "-D", "--undefined-only", str(bindings / "tensorrt_bindings" /
-                                                              "tensorrt.so")],
+    nm = shutil.which("nm")
+    if nm is None:
+        raise Unavailable("no nm (binutils) to list the symbols the bindings import")
+    out = subprocess.run([nm, "-D", "--undefined-only", str(bindings / "tensorrt_bindings" /
+                                                            "tensorrt.so")],
                          capture_output=True, text=True, check=True).stdout
     names = {line.split()[-1] for line in out.splitlines() if line.strip()}
     return {n for n in names if "@" not in n and ("INTERNAL" in n or n.startswith(
