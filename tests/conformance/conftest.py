@@ -8,9 +8,10 @@ import sys
 from types import SimpleNamespace
 
 import pytest
-from pycuda_model import PycudaModel
-from simulation import Simulation
-from tensorrt_api import VERSIONS, Unavailable, make_fake, real_api
+
+from .pycuda_model import PycudaModel
+from .simulation import Simulation
+from .tensorrt_api import VERSIONS, Unavailable, make_fake, real_api
 
 
 @pytest.fixture(scope="session", params=sorted(VERSIONS), ids=lambda v: f"trt{v.split('.')[0]}")

@@ -14,7 +14,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-from tensorrt_api import new
+
+from .tensorrt_api import new
 
 CHW = (3, 67, 67)
 NUM_CLASSES = 10

@@ -12,11 +12,12 @@ import threading
 import numpy as np
 import onnx
 import pytest
-from simulation import CHW, NUM_CLASSES
 
 from alexnet_deploy.backends import InputMetadata
 from alexnet_deploy.backends import tensorrt as trt_backend
 from alexnet_deploy.errors import UserError
+
+from .simulation import CHW, NUM_CLASSES
 
 META = InputMetadata("input", CHW)
 
@@ -62,7 +63,7 @@ def test_one_logger_for_builds_and_runtimes(env):
 
 
 def test_parse_errors_are_one_user_error(api, monkeypatch):
-    from conftest import install
+    from .conftest import install
 
     install(monkeypatch, api, parse_errors=[(3, "lrn1.lrn0", "LRN", "Unsupported size=4")])
     with pytest.raises(UserError, match=r"node lrn1.lrn0 \(LRN\): Unsupported size=4"):
@@ -70,7 +71,7 @@ def test_parse_errors_are_one_user_error(api, monkeypatch):
 
 
 def test_builder_that_returns_nullptr_is_a_user_error(api, monkeypatch):
-    from conftest import install
+    from .conftest import install
 
     install(monkeypatch, api, builder_fails=True)
     with pytest.raises(UserError, match="could not create a builder"):
@@ -80,7 +81,7 @@ def test_builder_that_returns_nullptr_is_a_user_error(api, monkeypatch):
 def test_real_bindings_without_a_gpu_give_a_user_error(api):
     """The real bindings over the stub libraries: trt.Builder returns nullptr there, as on a
     machine without a usable GPU. build_plan must say so in one UserError line."""
-    from tensorrt_api import run_with_real_bindings
+    from .tensorrt_api import run_with_real_bindings
 
     code = ("from alexnet_deploy.backends.tensorrt import build_plan, logger\n"
             "from alexnet_deploy.errors import UserError\n"
@@ -183,7 +184,7 @@ def test_runner_is_safe_from_many_threads(env):
 # ---- the self-test: the fakes catch what the real bindings reject ----
 
 def test_self_test_planted_mistakes_are_caught(env, api):
-    from tensorrt_api import make_fake
+    from .tensorrt_api import make_fake
 
     trt = env.trt
     # enums are distinct types, not ints
