@@ -22,7 +22,9 @@ strongly typed: ``BuilderFlag.FP16``/``INT8`` and the INT8 calibrators are gone.
 the same behaviour from ``NetworkDefinitionCreationFlag.STRONGLY_TYPED`` (:func:`network_flags`;
 TensorRT 11 deprecates that flag and ignores it, so it is not passed there). So FP16 is an FP16
 ONNX graph (:func:`alexnet_deploy.quantize.to_fp16`) and INT8 is a Q/DQ graph with the TensorRT
-placement (:func:`alexnet_deploy.quantize.to_int8` with ``target="tensorrt"``).
+placement and, by default, FP16 everywhere it does not quantize
+(:func:`alexnet_deploy.quantize.to_int8_fp16`; ``build --int8-fallback fp32``:
+:func:`alexnet_deploy.quantize.to_int8` with ``target="tensorrt"``).
 ``BuilderFlag.TF32`` is cleared, so FP32 tensors compute in FP32 (TensorRT enables TF32 by
 default).
 
