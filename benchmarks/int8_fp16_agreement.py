@@ -10,9 +10,9 @@ default), builds the graphs TensorRT would get -- FP16 (``quantize.to_fp16``), I
 elsewhere (``to_int8(target="tensorrt")``), INT8 with FP16 elsewhere (``to_int8_fp16``) -- and
 runs each, and the FP32 model, on ONNX Runtime (CPU) over ``--val-data``: top-1, top-1 agreement
 with FP32, and the logit error. ONNX Runtime's CPU provider has few FP16 kernels: it runs an
-FP16 op by casting its FP16 inputs to FP32 and its output back to FP16, so this simulates FP16
-storage between ops with FP32 arithmetic inside each op (TensorRT's FP16 kernels also
-accumulate in FP32 for the most part); it is not a bit-exact TensorRT run.
+FP16 op by casting its FP16 inputs to FP32 and its output back to FP16 (FP32 arithmetic inside
+each op), and its optimizer drops some of those round trips (conv1/conv2 outputs reach the FP32
+LRN unrounded): an approximation of TensorRT, not a bit-exact run (docs/results-tensorrt.md).
 """
 
 from __future__ import annotations
