@@ -48,7 +48,8 @@ def record(report) -> None:
 def summary_lines(shared_data: Path) -> list[str]:
     ran = sum(outcome == "ran" for outcome, _ in _outcomes.values())
     reasons = collections.Counter(r for o, r in _outcomes.values() if o == "skipped")
-    lines = [f"data-dependent tests (real images in {shared_data}): {ran} ran, "
-             f"{sum(reasons.values())} skipped"]
+    head = (f"data-dependent tests (real images in {shared_data}): {ran} ran, "
+            f"{sum(reasons.values())} skipped")
+    lines = [head]
     lines += [f"  {count} skipped: {reason}" for reason, count in reasons.most_common()]
     return lines
