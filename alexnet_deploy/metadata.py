@@ -16,6 +16,7 @@ written by the precision rewrites (:mod:`alexnet_deploy.quantize`)
 ``alexnet_deploy.int8_target``      the Q/DQ placement (``cpu`` or ``tensorrt``)
 ``alexnet_deploy.layer_precision``  ``conv1`` .. ``fc8`` -> ``int8`` / ``fp16`` / ``fp32``
 ``alexnet_deploy.lrn_form``         how LRN is laid out, where a rewrite changed it
+``alexnet_deploy.int8_fallback``    ``fp16`` when INT8 leaves the rest in FP16 (``to_int8_fp16``)
 written by the exact rewrites (:mod:`alexnet_deploy.rewrite`)
 ``alexnet_deploy.rewrites``         names of the rewrites applied, in order
 ==================================  ===================================================
@@ -44,8 +45,9 @@ PREPROCESS, CLASSES, CONFIG, SOURCE_SHA256, VERSION = (
 PRECISION, INT8_TARGET, LAYER_PRECISION, LRN_FORM = (
     "precision", "int8_target", "layer_precision", "lrn_form")
 REWRITES = "rewrites"
+INT8_FALLBACK = "int8_fallback"  # "fp16": what INT8 leaves unquantized runs in FP16
 EXPORT_KEYS = (PREPROCESS, CLASSES, CONFIG, SOURCE_SHA256, VERSION)
-KEYS = (*EXPORT_KEYS, PRECISION, INT8_TARGET, LAYER_PRECISION, LRN_FORM, REWRITES)
+KEYS = (*EXPORT_KEYS, PRECISION, INT8_TARGET, LAYER_PRECISION, LRN_FORM, REWRITES, INT8_FALLBACK)
 
 
 def set_meta(model: onnx.ModelProto, key: str, value: Any) -> None:

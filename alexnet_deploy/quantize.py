@@ -85,7 +85,7 @@ import numpy as np
 from alexnet_deploy import metadata as meta
 from alexnet_deploy.calibrators import INT8_MAX
 from alexnet_deploy.errors import UserError
-from alexnet_deploy.metadata import set_meta
+from alexnet_deploy.metadata import get_meta, set_meta
 from alexnet_deploy.onnxrt import ort_logits
 
 if TYPE_CHECKING:
@@ -672,7 +672,7 @@ def to_int8_fp16(model: onnx.ModelProto, calibration: Any, target: Target = "ten
         UserError: as :func:`to_int8`, or the graph cannot be raised to opset 19.
     """
     q = to_int8(model, calibration, target, keep_fp32)
-    props = {p.key: p.value for p in q.metadata_props}
+    recorded = list(q.metadata_props)  # what to_int8 wrote; to_fp16 overwrites some of it
     if opset_version(q) < FP16_QDQ_OPSET:
         from onnx import version_converter
 
@@ -684,13 +684,11 @@ def to_int8_fp16(model: onnx.ModelProto, calibration: Any, target: Target = "ten
                             f"with --opset {FP16_QDQ_OPSET}") from e
     out = to_fp16(q)
     del out.metadata_props[:]
-    for key, value in props.items():
-        entry = out.metadata_props.add()
-        entry.key, entry.value = key, value
-    layers = json.loads(props[META_PREFIX + "layer_precision"])
-    _set_meta(out, "layer_precision", {k: "int8" if v == "int8" else "fp16"
-                                       for k, v in layers.items()})
-    _set_meta(out, "int8_fallback", "fp16")
+    out.metadata_props.extend(recorded)
+    layers = get_meta(out, meta.LAYER_PRECISION)
+    set_meta(out, meta.LAYER_PRECISION, {k: "int8" if v == "int8" else "fp16"
+                                         for k, v in layers.items()})
+    set_meta(out, meta.INT8_FALLBACK, "fp16")
     return out
 
 
