@@ -185,3 +185,23 @@ def test_sidecar_json_is_what_the_readme_documents(small_model, tmp_path):
     assert list(d) == ["format", "alexnet_deploy_version", "backend", "precision",
                        "layer_precision", "placement", "source", "artifacts", "input", "output",
                        "preprocess", "classes", "build", "notes"]
+
+
+@pytest.mark.parametrize("options, message", [
+    (["--min-batch", "9", "--max-batch", "8"], "--min-batch must be between 1 and --max-batch (8)"),
+    (["--opt-batch", "16", "--max-batch", "8"], "--opt-batch must be between --min-batch (1)"),
+    (["--timing-cache", "t.cache", "--no-timing-cache"], "exclude each other"),
+    (["--int8-fallback", "fp16"], "--int8-fallback sets what an INT8 engine does not quantize"),
+])
+def test_tensorrt_profile_options_are_checked_first(small_model, tmp_path, options, message):
+    expect_error(run("--model", str(small_model["onnx"]), "--precision", "fp32",
+                     "--out", str(tmp_path / "e"), *options), message)
+    assert not (tmp_path / "e").exists()
+
+
+def test_profile_options_are_ignored_with_a_note_on_cpu_backends(small_model, tmp_path):
+    result = run("--model", str(small_model["onnx"]), "--precision", "fp32", "--backend",
+                 "onnxruntime", "--min-batch", "2", "--out", str(tmp_path / "e"))
+    assert result.exit_code == 0, result.output
+    assert "--min-batch/--opt-batch shape TensorRT profiles; onnxruntime engines take any " \
+        "batch: ignored" in result.output
