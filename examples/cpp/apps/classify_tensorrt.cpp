@@ -88,8 +88,11 @@ class TensorRtSession : public alexnet::Session {
     check_cuda(cudaStreamCreate(&stream_), "cudaStreamCreate");
     const std::size_t in_bytes = sizeof(float) * in_size_ * plan_->max_batch;
     const std::size_t out_bytes = sizeof(float) * out_size_ * plan_->max_batch;
-    check_cuda(cudaMallocHost(&host_in_, in_bytes), "cudaMallocHost");  // pinned: async copies
-    check_cuda(cudaMallocHost(&host_out_, out_bytes), "cudaMallocHost");
+    void* pinned = nullptr;  // page-locked host memory, so the copies can run asynchronously
+    check_cuda(cudaMallocHost(&pinned, in_bytes), "cudaMallocHost");
+    host_in_ = static_cast<float*>(pinned);
+    check_cuda(cudaMallocHost(&pinned, out_bytes), "cudaMallocHost");
+    host_out_ = static_cast<float*>(pinned);
     check_cuda(cudaMalloc(&device_in_, in_bytes), "cudaMalloc");
     check_cuda(cudaMalloc(&device_out_, out_bytes), "cudaMalloc");
     if (!context_->setTensorAddress(plan_->input.c_str(), device_in_) ||
@@ -155,7 +158,7 @@ alexnet::SessionFactory load(const EngineInfo& info, int /*threads*/) {
                     "on this machine");
   }
   for (int i = 0; i < plan->engine->getNbIOTensors(); ++i) {
-    const char* name = plan->engine->getTensorName(i);
+    const char* name = plan->engine->getIOTensorName(i);
     const bool is_input = plan->engine->getTensorIOMode(name) == nvinfer1::TensorIOMode::kINPUT;
     if (plan->engine->getTensorDataType(name) != nvinfer1::DataType::kFLOAT) {
       throw UserError(std::string("engine tensor ") + name + " is not float32: rebuild the engine");
