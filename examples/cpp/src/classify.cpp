@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <csignal>
 #include <cmath>
 #include <cstdio>
 #include <cstdlib>
@@ -10,6 +11,8 @@
 #include <mutex>
 #include <numeric>
 #include <thread>
+
+#include <unistd.h>
 
 #include <nlohmann/json.hpp>
 
@@ -146,9 +149,18 @@ std::vector<Prediction> classify_all(const EngineInfo& engine, const Options& o,
   return results;
 }
 
+// Ctrl-C: one line and status 130, like the Python CLI (the apps write no files).
+extern "C" void on_interrupt(int) {
+  static const char message[] = "interrupted\n";
+  ssize_t ignored = write(STDERR_FILENO, message, sizeof message - 1);  // async-signal-safe
+  (void)ignored;
+  _exit(130);
+}
+
 }  // namespace
 
 int classify_main(int argc, char** argv, const std::string& backend, const Loader& loader) {
+  std::signal(SIGINT, on_interrupt);
   try {
     const Options o = parse(argc, argv);
     const EngineInfo engine = read_engine(o.engine, backend);
