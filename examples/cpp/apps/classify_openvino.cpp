@@ -2,6 +2,7 @@
 // Classifies images with an OpenVINO engine folder (model.xml + model.bin + engine.json) on the
 // CPU through OpenVINO's C++ API: one ov::CompiledModel, one ov::InferRequest per thread.
 #include <algorithm>
+#include <cctype>
 #include <openvino/openvino.hpp>
 #include <string>
 
@@ -21,6 +22,24 @@ ov::element::Type inference_precision(ov::Core& core, const std::string& precisi
     if (std::find(caps.begin(), caps.end(), "FP16") != caps.end()) return ov::element::f16;
   }
   return ov::element::f32;
+}
+
+// "2026.4.1-22982-..." -> 2026; 0 when unparseable
+int major_version(const std::string& version) {
+  std::size_t digits = 0;
+  while (digits < version.size() && std::isdigit(static_cast<unsigned char>(version[digits]))) ++digits;
+  return digits == 0 || version[digits] != '.' ? 0 : std::stoi(version.substr(0, digits));
+}
+
+// IR written by a newer OpenVINO major version is refused, with the Python backend's message
+// (alexnet_deploy/backends/openvino.py, OpenVinoBackend.check_compatible).
+void check_compatible(const EngineInfo& engine) {
+  const std::string here = ov::get_openvino_version().buildNumber;
+  if (major_version(engine.backend_version) > major_version(here)) {
+    throw UserError("engine was built with OpenVINO " + engine.backend_version +
+                    ", newer than the installed " + here +
+                    ": upgrade openvino or rebuild the engine here");
+  }
 }
 
 class OpenVinoSession : public alexnet::Session {
@@ -56,6 +75,7 @@ class OpenVinoSession : public alexnet::Session {
 alexnet::SessionFactory load(const EngineInfo& engine, int threads) {
   const std::string xml = engine.artifact("model.xml").string();
   engine.artifact("model.bin");
+  check_compatible(engine);
   // Owned by the factory, shared by every session (CompiledModel is thread-safe to create
   // requests from; each request is used by one thread).
   auto compiled = std::make_shared<ov::CompiledModel>();
