@@ -122,9 +122,25 @@ RgbImage decode_png(FILE* file, const fs::path& path) {
   const int color = png_get_color_type(png, info);
   const int depth = png_get_bit_depth(png, info);
   if (depth == 16 && color == PNG_COLOR_TYPE_GRAY) {
+    // Pillow opens these as mode I;16; alexnet_deploy.preprocess.to_rgb scales them to 8 bits,
+    // (v + 128) // 257, rather than letting convert("RGB") clip them
+    png_set_interlace_handling(png);
+    png_read_update_info(png, info);
+    image.width = static_cast<int>(png_get_image_width(png, info));
+    image.height = static_cast<int>(png_get_image_height(png, info));
+    std::vector<png_byte> samples(static_cast<std::size_t>(image.width) * image.height * 2);
+    rows.resize(image.height);
+    for (int y = 0; y < image.height; ++y) rows[y] = &samples[static_cast<std::size_t>(y) * image.width * 2];
+    png_read_image(png, rows.data());
+    png_read_end(png, nullptr);
     png_destroy_read_struct(&png, &info, nullptr);
-    throw UserError("image " + path.string() + " is a 16-bit grayscale PNG (Pillow mode I;16), " +
-                    "which this example does not convert: save it as 8-bit");
+    image.pixels.resize(static_cast<std::size_t>(image.width) * image.height * 3);
+    for (std::size_t i = 0; i < samples.size() / 2; ++i) {
+      const unsigned value = (samples[2 * i] << 8) | samples[2 * i + 1];  // PNG is big-endian
+      const auto level = static_cast<std::uint8_t>((value + 128) / 257);
+      image.pixels[3 * i] = image.pixels[3 * i + 1] = image.pixels[3 * i + 2] = level;
+    }
+    return image;
   }
   // The conversions Pillow's convert("RGB") makes: palette looked up, gray expanded to 8 bits
   // and replicated, alpha (and tRNS transparency) dropped without compositing, 16-bit samples

@@ -16,10 +16,11 @@ struct RgbImage {
 };
 
 // Decode a JPEG (libjpeg-turbo, its default ISLOW DCT and fancy upsampling, as Pillow decodes)
-// or PNG (libpng) file to RGB the way Pillow's convert("RGB") does: grayscale replicated to three
-// channels, palettes looked up, alpha dropped, 16-bit samples cut to their high byte. EXIF
-// orientation is not applied (Pillow's Image.open does not either). Throws UserError naming the
-// file for anything else: another format, CMYK JPEG, 16-bit grayscale PNG, a corrupt file.
+// or PNG (libpng) file to RGB as alexnet_deploy.preprocess.open_image does: grayscale replicated
+// to three channels, palettes looked up, alpha dropped, 16-bit colour samples cut to their high
+// byte (Pillow's RGB;16B), 16-bit grayscale scaled by 1/257 and rounded. EXIF orientation is not
+// applied (Pillow's Image.open does not either). Throws UserError naming the file for anything
+// else: another format (the Python side also reads BMP and WebP), CMYK JPEG, a corrupt file.
 RgbImage decode_image(const std::filesystem::path& path);
 
 // Pillow's resampling filters that resize_pillow implements.
