@@ -193,11 +193,14 @@ def test_bad_input_is_one_line_and_status_2(apps, tmp_path):
         assert done.returncode == 2 and done.stderr.count("\n") == 1, (args, done.stderr)
         assert done.stderr.startswith("error: ") and expected in done.stderr, done.stderr
     ov_engine = _sidecar_only(tmp_path / "ov", PreprocessSpec(crop=30, resize=37))
-    truncated = tmp_path / "truncated.png"
-    Image.new("RGB", (40, 40), "red").save(truncated)
-    truncated.write_bytes(truncated.read_bytes()[:60])
-    for image, expected in [(not_image, f"image {not_image} is neither a JPEG nor a PNG"),
-                            (truncated, f"cannot decode PNG image {truncated}")]:
+    bad = [(not_image, f"image {not_image} is neither a JPEG nor a PNG")]
+    for kind in ("PNG", "JPEG"):  # truncated files are refused, as by Pillow
+        truncated = tmp_path / f"truncated.{kind.lower()}"
+        noise = np.random.default_rng(0).integers(0, 256, (40, 40, 3), np.uint8)
+        Image.fromarray(noise).save(truncated, kind)
+        truncated.write_bytes(truncated.read_bytes()[:-500])  # well inside the pixel data
+        bad.append((truncated, f"cannot decode {kind} image {truncated}"))
+    for image, expected in bad:
         done = _run([apps / "alexnet_preprocess", ov_engine, tmp_path / "x.f32", image])
         assert done.returncode == 2 and expected in done.stderr, done.stderr
         assert not (tmp_path / "x.f32").exists() and not (tmp_path / "x.f32.tmp").exists()

@@ -7,6 +7,7 @@
 
 // jpeglib.h needs size_t and FILE declared first
 #include <jpeglib.h>
+#include <jerror.h>
 #include <png.h>
 
 #include "alexnet/engine_folder.hpp"
@@ -43,16 +44,21 @@ void jpeg_fail(j_common_ptr cinfo) {
   std::longjmp(err->jump, 1);
 }
 
-void jpeg_quiet(j_common_ptr) {}  // warnings (e.g. extraneous bytes) are not printed
+// Warnings (e.g. extraneous bytes) are not printed, except that a truncated file is an error,
+// as in Pillow (libjpeg would pad it with grey and carry on)
+void jpeg_warning(j_common_ptr cinfo, int level) {
+  if (level < 0 && cinfo->err->msg_code == JWRN_JPEG_EOF) jpeg_fail(cinfo);
+}
 
 RgbImage decode_jpeg(FILE* file, const fs::path& path) {
-  RgbImage image;  // declared before setjmp: alive when longjmp returns here
+  // Everything with a destructor lives before setjmp, so longjmp skips none
+  RgbImage image;
   std::vector<std::uint8_t> gray;
   jpeg_decompress_struct cinfo;
   JpegError err;
   cinfo.err = jpeg_std_error(&err.mgr);
   err.mgr.error_exit = jpeg_fail;
-  err.mgr.output_message = jpeg_quiet;
+  err.mgr.emit_message = jpeg_warning;
   if (setjmp(err.jump)) {
     jpeg_destroy_decompress(&cinfo);
     throw UserError("cannot decode JPEG image " + path.string() + " (" + err.message +
@@ -103,8 +109,10 @@ void png_fail(png_structp png, png_const_charp message) {
 void png_quiet(png_structp, png_const_charp) {}
 
 RgbImage decode_png(FILE* file, const fs::path& path) {
+  // Everything with a destructor lives before setjmp, so longjmp skips none
   RgbImage image;
   std::vector<png_bytep> rows;
+  std::vector<png_byte> samples;  // 16-bit grayscale only
   PngError err;
   png_structp png = png_create_read_struct(PNG_LIBPNG_VER_STRING, &err, png_fail, png_quiet);
   png_infop info = png ? png_create_info_struct(png) : nullptr;
@@ -128,7 +136,7 @@ RgbImage decode_png(FILE* file, const fs::path& path) {
     png_read_update_info(png, info);
     image.width = static_cast<int>(png_get_image_width(png, info));
     image.height = static_cast<int>(png_get_image_height(png, info));
-    std::vector<png_byte> samples(static_cast<std::size_t>(image.width) * image.height * 2);
+    samples.resize(static_cast<std::size_t>(image.width) * image.height * 2);
     rows.resize(image.height);
     for (int y = 0; y < image.height; ++y) rows[y] = &samples[static_cast<std::size_t>(y) * image.width * 2];
     png_read_image(png, rows.data());
