@@ -7,6 +7,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests import data_usage
+
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = ROOT.parent / "shared" / "data"
 
@@ -15,7 +17,9 @@ torch.set_num_threads(2)
 
 
 def shared_path(name: str) -> Path:
-    """``../shared/data/<name>``, or skip the test with a reason when it is absent."""
+    """``../shared/data/<name>``, or skip the test with a reason when it is absent. The test (or
+    the fixture) that asks is counted in the closing line on data-dependent tests."""
+    data_usage.note_use()
     path = SHARED_DATA / name
     if not path.exists():
         pytest.skip(f"real data {path} is absent (it lives in ../shared/data beside the checkout)")
@@ -25,6 +29,21 @@ def shared_path(name: str) -> Path:
 @pytest.fixture
 def shared_data():
     return shared_path
+
+
+# ---- a closing line on the tests that depend on ../shared/data (tests/data_usage.py) ----
+
+def pytest_runtest_setup(item):
+    data_usage.test_starts(item)
+
+
+def pytest_runtest_logreport(report):
+    data_usage.record(report)
+
+
+def pytest_terminal_summary(terminalreporter):
+    for line in data_usage.summary_lines(SHARED_DATA):
+        terminalreporter.write_line(line)
 
 
 # ---- small exported models and calibrations (build / validate / backend tests) ----
