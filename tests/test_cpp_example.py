@@ -27,11 +27,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import make_small_model, shared_path
 from PIL import Image
 
 from alexnet_deploy.engine import EngineSidecar, write_sidecar
 from alexnet_deploy.preprocess import PreprocessSpec
+from tests.conftest import make_small_model, shared_path
 
 pytestmark = [pytest.mark.cpp, pytest.mark.openvino, pytest.mark.slow]
 
