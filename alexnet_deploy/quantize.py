@@ -31,7 +31,7 @@ canonical Q/DQ placement per target:
       Relu; MaxPool, Flatten, LRN ... of such a tensor). Symmetric int8 spends half its codes on
       negative values these tensors never take; uint8 with zero point 0 keeps the same grid
       family (0 exact, no zero-point arithmetic) and spends all 256 codes on ``[0, amax]``, a
-      step half as wide. Measured on a CIFAR-recipe model (docs/results.md): top-1 agreement
+      step half as wide. Measured on a CIFAR-recipe model (docs/notes.md): top-1 agreement
       with FP32 0.978 -> 0.985 (entropy), 0.975 -> 0.988 (minmax). The calibration file keeps
       TensorRT's ``scale = amax/127``; only this placement's uint8 tensors divide by 255.
       It also lets ONNX Runtime drop the Relu and run its u8s8 VNNI / AMX kernels. (On AVX2
@@ -616,7 +616,7 @@ def lrn_channels_last(model: onnx.ModelProto) -> onnx.ModelProto:
     up to float rounding inside the LRN. A block whose input is not such a uint8 Q (its conv kept
     in FP32) gets the same layout on its float input, and the pool keeps its Q/DQ.
 
-    Measured on the full-size model, batch 16, 2 threads (``docs/results-quantize.md``): the INT8
+    Measured on the full-size model, batch 16, 2 threads (``docs/notes.md``): the INT8
     engine runs 1.2x its FP32 engine with the NCHW form and 2.0x with this one at ONNX Runtime's
     default settings, 1.5x and 2.7x with thread spinning off. The FP32 graph is as fast in either
     layout. OpenVINO, whose native LRN is fast, should keep the native block.

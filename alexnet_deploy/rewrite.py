@@ -8,7 +8,7 @@ for equivalence with the canonical graph on ONNX Runtime (``tests/test_rewrite.p
 ``lrn_for_onnxruntime``
 -----------------------
 ONNX Runtime's CPU ``LRN`` kernel is slow: in a profile of the canonical graph it takes about
-half of all kernel time (``docs/results-export.md``). This rewrite replaces each LRN block (``Split -> LRN per tower -> Concat``, or a lone ``LRN``) by::
+half of all kernel time (``docs/results.md``). This rewrite replaces each LRN block (``Split -> LRN per tower -> Concat``, or a lone ``LRN``) by::
 
     sq   = Mul(x, x)                        lrnK.sq
     d    = Conv1x1(sq, W, bias=k, group=G)  lrnK.window   W: alpha/size on a band |i-j| <= size/2
@@ -23,7 +23,7 @@ exactly like the per-tower LRN. The bias ``k`` rides in the convolution's bias. 
 replaces ``Pow(d, 0.75)`` because ONNX Runtime's ``Pow`` calls ``std::pow`` per element, which
 costs more than the three vectorized passes; other betas use ``Sqrt`` (0.5) or ``Pow``.
 
-Measured alternatives (all exact to below 1e-6 relative; figures in ``docs/results-export.md``):
+Measured alternatives (all exact to below 1e-6 relative; figures in ``docs/notes.md``):
 native ``LRN``; torch.onnx.export's pad/avg-pool/pow/div decomposition; ``Pow``-based forms;
 ``Div(Div(x, s), q)``; ``Pow(q, 3)`` for the power; and the same form with ``x`` pre-scaled by
 ``sqrt(alpha/size)`` before squaring (``prescale=True``). Pre-scaling keeps ``x**2`` finite in
