@@ -12,7 +12,7 @@ runs each, and the FP32 model, on ONNX Runtime (CPU) over ``--val-data``: top-1,
 with FP32, and the logit error. ONNX Runtime's CPU provider has few FP16 kernels: it runs an
 FP16 op by casting its FP16 inputs to FP32 and its output back to FP16 (FP32 arithmetic inside
 each op), and its optimizer drops some of those round trips (conv1/conv2 outputs reach the FP32
-LRN unrounded): an approximation of TensorRT, not a bit-exact run (docs/results-tensorrt.md).
+LRN unrounded): an approximation of TensorRT, not a bit-exact run (docs/results.md, TensorRT).
 """
 
 from __future__ import annotations

@@ -54,9 +54,11 @@ SMALL_CLASSES = ("disc", "ring", "square", "triangle", "cross", "star", "crescen
 
 
 def make_small_model(folder: Path, *, seed: int = 0, size: int = SMALL_SIZE,
-                     classes: tuple[str, ...] = SMALL_CLASSES) -> dict[str, Path]:
-    """A small untrained paper AlexNet (width x1/8) with varied logits: ``checkpoint`` (.pt)
-    and its canonical export ``onnx``, written under ``folder``."""
+                     classes: tuple[str, ...] = SMALL_CLASSES,
+                     width_mult: float = 0.125) -> dict[str, Path]:
+    """An untrained paper AlexNet with varied logits (small by default: width x1/8; 1.0 with
+    ``size=227`` and 1000 classes is the full-size model): ``checkpoint`` (.pt) and its
+    canonical export ``onnx``, written under ``folder``."""
     from alexnet_deploy.checkpoint import save_checkpoint
     from alexnet_deploy.export import export, source_from_checkpoint
     from alexnet_deploy.model import AlexNetConfig, AlexNetGrouped, grouped_to_two_tower
@@ -64,7 +66,7 @@ def make_small_model(folder: Path, *, seed: int = 0, size: int = SMALL_SIZE,
 
     folder.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(seed)
-    cfg = AlexNetConfig(num_classes=len(classes), image_size=size, width_mult=0.125)
+    cfg = AlexNetConfig(num_classes=len(classes), image_size=size, width_mult=width_mult)
     grouped = AlexNetGrouped(cfg).eval()
     # the paper's N(0, 0.01) init gives near-constant logits; He init makes images differ
     for p in grouped.parameters():

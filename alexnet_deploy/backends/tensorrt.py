@@ -523,7 +523,7 @@ class TensorRtBackend(Backend):
     device = "gpu"
     qdq_target = "tensorrt"
     fixed_batch_range = True
-    default_int8_fallback = "fp16"  # see docs/results-tensorrt.md for the agreement it keeps
+    default_int8_fallback = "fp16"  # its agreement with FP32: docs/results.md (TensorRT)
 
     def available(self) -> bool:
         return _available()
