@@ -4,7 +4,7 @@
 #
 #   1. the GPU-marked tests (pytest -m "gpu or tensorrt or pycuda");
 #   2. two-tower training on cuda:0,cuda:0 (and cuda:0,cuda:1 when there are two GPUs), with
-#      and without AMP (the demo recipe, 2 epochs each);
+#      and without AMP (the demo recipe: 8 epochs of synthetic shapes, seconds each on a GPU);
 #   3. the PyTorch CUDA reference in bench: eager FP32, FP16 autocast, torch.compile;
 #   4. where TensorRT and pycuda are installed: FP32, FP16 and INT8 engines of the trained model,
 #      each validated against the reference (the CPU thresholds), then benched at batch
@@ -56,12 +56,12 @@ step tests-gpu "$PY" -m pytest -q -m "gpu or tensorrt or pycuda" -rs
 
 TRAIN="$OUT/train"
 for amp in --amp --no-amp; do
-    step "train-cuda0-cuda0$amp" "${CLI[@]}" train --recipe demo --epochs 2 \
+    step "train-cuda0-cuda0$amp" "${CLI[@]}" train --recipe demo \
         --devices cuda:0,cuda:0 "$amp" --out "$TRAIN/c00$amp"
 done
 if [ "$GPUS" -ge 2 ]; then
     for amp in --amp --no-amp; do
-        step "train-cuda0-cuda1$amp" "${CLI[@]}" train --recipe demo --epochs 2 \
+        step "train-cuda0-cuda1$amp" "${CLI[@]}" train --recipe demo \
             --devices cuda:0,cuda:1 "$amp" --out "$TRAIN/c01$amp"
     done
 else
