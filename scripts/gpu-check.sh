@@ -4,7 +4,8 @@
 #
 #   1. the GPU-marked tests (pytest -m "gpu or tensorrt or pycuda");
 #   2. two-tower training on cuda:0,cuda:0 (and cuda:0,cuda:1 when there are two GPUs), with
-#      and without AMP (the demo recipe: 8 epochs of synthetic shapes, seconds each on a GPU);
+#      and without AMP (the demo recipe: 8 epochs of synthetic shapes, about a minute on two
+#      CPU cores);
 #   3. the PyTorch CUDA reference in bench: eager FP32, FP16 autocast, torch.compile;
 #   4. where TensorRT and pycuda are installed: FP32, FP16 and INT8 engines of the trained model,
 #      each validated against the reference (the CPU thresholds), then benched at batch
