@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Everything in this project that needs an NVIDIA GPU, in one run (about 10 minutes on one GPU),
-# with one markdown report. `make gpu-check` runs it; so does `scripts/gpu-check.sh [OUT_DIR]`.
+# Everything in this project that needs an NVIDIA GPU, in one run meant to take under 10 minutes on
+# one GPU, with one markdown report. `make gpu-check` runs it; so does `scripts/gpu-check.sh [OUT_DIR]`.
 #
 #   1. the GPU-marked tests (pytest -m "gpu or tensorrt or pycuda");
 #   2. two-tower training on cuda:0,cuda:0 (and cuda:0,cuda:1 when there are two GPUs), with
