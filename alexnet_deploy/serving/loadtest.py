@@ -93,7 +93,7 @@ class LoadTestResult:
         return d
 
 
-class _Client:
+class Client:
     """One tritonclient connection (HTTP or gRPC) sending one FP32 image per request."""
 
     def __init__(self, protocol: str, port: int, model: str, input_name: str,
@@ -150,7 +150,7 @@ def run_level(protocol: str, port: int, concurrency: int, duration: float, image
     start = threading.Barrier(concurrency, action=begin)
 
     def worker(t: int) -> None:
-        client = _Client(protocol, port, model, input_name, output_name)
+        client = Client(protocol, port, model, input_name, output_name)
         k = t * max(1, n // concurrency)  # threads start at different images
         try:
             for _ in range(WARMUP_REQUESTS):

@@ -274,6 +274,7 @@ class ServerProcess:
                  env: dict[str, str] | None = None, log: Path | None = None) -> None:
         self.argv, self.ports, self.models = list(argv), ports, list(models)
         self.log = log
+        self.leftovers = False
         out = open(log, "ab") if log else subprocess.DEVNULL  # noqa: SIM115 - closed in stop
         self._out = out
         self.proc = subprocess.Popen(self.argv, env=env or triton_env(), stdout=out,
@@ -304,20 +305,33 @@ class ServerProcess:
         return Path(self.log).read_text(errors="replace")[-chars:]
 
     def stop(self, sig: int = signal.SIGINT, timeout: float = 30.0) -> int | None:
-        """Send ``sig`` to the process group, wait, then SIGKILL the group if anything is left;
-        return the command's exit status."""
+        """Send ``sig`` to the process group, wait, then SIGKILL the group if anything is left
+        (:attr:`leftovers` says whether anything was); return the command's exit status."""
         with contextlib.suppress(ProcessLookupError):
             os.killpg(self.proc.pid, sig)
-        try:
+        with contextlib.suppress(subprocess.TimeoutExpired):
             self.proc.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            pass
+        deadline = time.monotonic() + 5.0  # children (backend stubs) may take a moment to exit
+        while self._group_alive() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        self.leftovers = self._group_alive()
         with contextlib.suppress(ProcessLookupError):
-            os.killpg(self.proc.pid, signal.SIGKILL)  # stubs or a server the command left
+            os.killpg(self.proc.pid, signal.SIGKILL)
         self.proc.wait()
         if self._out is not subprocess.DEVNULL:
             self._out.close()
         return self.proc.returncode
+
+    def _group_alive(self) -> bool:
+        if self.proc.poll() is None:
+            return True
+        try:
+            os.killpg(self.proc.pid, 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:
+            return True
+        return True
 
     def __enter__(self) -> ServerProcess:  # noqa: PYI034 - typing.Self needs Python 3.11
         return self
