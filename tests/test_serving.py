@@ -329,31 +329,36 @@ def assert_malformed_requests_get_errors(port: int, model: str, image_model: str
         infer_image(port, image_model, b"\x89PNG but not really")
 
 
+def check_server(engine_dir: Path, ports, model: str, image_model: str) -> None:
+    """REQUESTS tensor requests at CONCURRENCY answered like the engine; malformed requests
+    refused one by one; an encoded JPEG answered like the engine; still serving afterwards."""
+    images, logits, labels = expected_answers(engine_dir)
+    counts = send_concurrently(ports.http, ports.grpc, model, images, logits, labels)
+    assert counts == {"ok": REQUESTS, "wrong": 0}
+    assert_malformed_requests_get_errors(ports.http, model, image_model)
+    photo = np.random.default_rng(2).integers(0, 256, (80, 100, 3), dtype=np.uint8)
+    jpeg = encode(photo, "JPEG")
+    answer = infer_image(ports.http, image_model, jpeg)
+    with load_engine(engine_dir) as engine, Image.open(io.BytesIO(jpeg)) as im:
+        want = engine.infer(engine.sidecar.preprocess.load(im)[None])
+    assert np.allclose(answer.as_numpy("logits"), want, atol=1e-4)
+    again = send_concurrently(ports.http, ports.grpc, model, images[:8], logits[:8], labels[:8])
+    assert again == {"ok": REQUESTS, "wrong": 0}
+
+
 @pytest.mark.serving
 @pytest.mark.slow
 def test_serve_answers_concurrent_requests_like_the_engine(ort_engine, tmp_path):
     needs_triton()
     from alexnet_deploy.serving.server import Ports, ServerProcess, free_ports, serve_command
 
-    images, logits, labels = expected_answers(ort_engine)
     ports = Ports(*free_ports())
     log = tmp_path / "serve.log"
     server = ServerProcess(serve_command(ort_engine, ports, max_batch=8, instances=2), ports,
                            ["alexnet", "alexnet_image"], log=log)
     try:
         server.wait_ready()
-        counts = send_concurrently(ports.http, ports.grpc, "alexnet", images, logits, labels)
-        assert counts == {"ok": REQUESTS, "wrong": 0}
-        assert_malformed_requests_get_errors(ports.http, "alexnet", "alexnet_image")
-        photo = np.random.default_rng(2).integers(0, 256, (80, 100, 3), dtype=np.uint8)
-        answer = infer_image(ports.http, "alexnet_image", encode(photo, "JPEG"))
-        with load_engine(ort_engine) as engine, Image.open(io.BytesIO(encode(photo, "JPEG"))) as im:
-            want = engine.infer(engine.sidecar.preprocess.load(im)[None])
-        assert np.allclose(answer.as_numpy("logits"), want, atol=1e-4)
-        # still serving after the malformed requests
-        again = send_concurrently(ports.http, ports.grpc, "alexnet", images[:8], logits[:8],
-                                  labels[:8])
-        assert again["wrong"] == 0
+        check_server(ort_engine, ports, "alexnet", "alexnet_image")
     finally:
         status = server.stop()  # SIGINT to the process group, as Ctrl-C on a terminal
     assert status == 130, server.log_tail()
@@ -391,21 +396,13 @@ def test_python_flavour_repository_served_by_bundled_tritonserver(ort_engine, tm
     result = run_cli("package", "--engine", ort_engine, "--triton", repo, "--flavor", "python",
                      "--max-batch", 8)
     assert result.exit_code == 0, result.output
-    images, logits, labels = expected_answers(ort_engine)
     ports = Ports(*free_ports())
     argv = tritonserver_command(repo, backend_dir(tmp_path / "backends"), ports)
     server = ServerProcess(argv, ports, ["alexnet"], env=tritonserver_env(),
                            log=tmp_path / "tritonserver.log")
     try:
         server.wait_ready()
-        counts = send_concurrently(ports.http, ports.grpc, "alexnet", images, logits, labels)
-        assert counts == {"ok": REQUESTS, "wrong": 0}
-        assert_malformed_requests_get_errors(ports.http, "alexnet", "alexnet")
-        photo = np.random.default_rng(3).integers(0, 256, (70, 90, 3), dtype=np.uint8)
-        answer = infer_image(ports.http, "alexnet", encode(photo))
-        with load_engine(ort_engine) as engine:
-            want = engine.infer(engine.sidecar.preprocess.load(Image.fromarray(photo))[None])
-        assert np.allclose(answer.as_numpy("logits"), want, atol=1e-4)
+        check_server(ort_engine, ports, "alexnet", "alexnet")
     finally:
         server.stop()
     assert not server.leftovers, "tritonserver or its backend stubs outlived it"
