@@ -4,7 +4,7 @@
     alexnet-deploy export    -> MODEL.onnx
     alexnet-deploy calibrate -> calibration/NAME.json (+ .cache)
     alexnet-deploy build     -> engines/NAME/ (engine + engine.json sidecar)
-    alexnet-deploy validate / bench / demo
+    alexnet-deploy validate / bench / predict / demo
 
 Commands are thin: they parse options and call the stage module, imported lazily so that
 ``--help`` is fast and nothing GPU-only is imported until a command needs it. A
@@ -56,7 +56,7 @@ def parse_csv(value: str, kind=str, name: str = "value") -> list:
 @click.option("--val-data", metavar="PATH",
               help="Validation images, evaluated after every epoch.  [default: the recipe's]")
 @click.option("--recipe", metavar="NAME_OR_FILE",
-              help="A recipe in train/ (paper, cifar10, imagenette, demo) or a .toml file; "
+              help="A shipped recipe (paper, cifar10, imagenette, demo) or a .toml file; "
                    "with --resume, the run's own.")
 @click.option("--devices", metavar="A,B",
               help="Devices of tower 0 and tower 1: cpu,cpu  cuda:0,cuda:1  cuda:0,cuda:0.  "
@@ -285,6 +285,32 @@ def bench(engines, reference, batch_sizes, duration, iterations, warmup, threads
               transfers=not no_transfers, cuda_graph=cuda_graph, json_path=json_path,
               report_path=report_path, echo=click.echo,
               warn=lambda msg: click.echo(f"warning: {msg}", err=True))
+
+
+# ---- predict (use an engine) ----
+
+@cli.command()
+@click.option("--engine", required=True, metavar="ENGINE",
+              help="Engine folder from 'alexnet-deploy build'.")
+@click.argument("images", nargs=-1, required=True, metavar="IMAGE_OR_FOLDER...")
+@click.option("--top-k", type=click.IntRange(min=1), default=5, show_default=True, metavar="K",
+              help="Classes printed per image.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=None, metavar="B",
+              help="Images per engine call.  [default: 32 within the engine's batch range]")
+@click.option("--json", "json_path", metavar="FILE",
+              help="Also write every image's top-k (index, label, probability) as JSON.")
+@click.option("--threads", type=click.IntRange(min=1), default=None, metavar="N",
+              help="CPU threads.")
+def predict(engine, images, top_k, batch_size, json_path, threads) -> None:
+    """Print the top-k classes of images (files or folders) with their probabilities."""
+    from alexnet_deploy.predict import run_predict, summary
+
+    result = run_predict(engine, images, top_k=top_k, batch_size=batch_size, threads=threads,
+                         json_path=json_path, echo=click.echo,
+                         warn=lambda msg: click.echo(f"warning: {msg}", err=True))
+    click.echo(summary(result), err=True)
+    if result.skipped:
+        sys.exit(1)
 
 
 # ---- demo (the whole pipeline) ----

@@ -129,9 +129,10 @@ def run_demo(cfg: DemoConfig, say: Callable[[str], None] = print) -> DemoResult:
 
     root = Path(cfg.root)
     run_dir = root / "train" / cfg.name
-    for folder in (root / "train", root / "calibration", root / "engines", cfg.report_dir):
-        folder.mkdir(parents=True, exist_ok=True)
-    check_writable_dir(cfg.report_dir / "report.md")
+    # checked now, created only when a stage writes there
+    for path in (run_dir / "last.pt", root / "calibration" / "x.json",
+                 root / "engines" / "x", cfg.report_dir / "report.md"):
+        check_writable_dir(path)
     steps = 7
 
     say(f"[1/{steps}] train  {cfg.recipe} recipe on {cfg.data}, towers on "

@@ -65,6 +65,7 @@ import numpy as np
 import torch
 
 from alexnet_deploy import __version__
+from alexnet_deploy.data import imagenet1k_classes
 from alexnet_deploy.errors import UserError
 from alexnet_deploy.fileio import atomic_path, check_writable_dir, sha256_file
 from alexnet_deploy.metadata import INPUT_NAME, OUTPUT_NAME, ModelInfo, write_model_info
@@ -150,8 +151,9 @@ def source_from_torchvision(path: Path | str) -> ExportSource:
     except UserError as e:
         raise UserError(f"{path}: {e}") from e
     n = model.cfg.num_classes
+    classes = imagenet1k_classes() if n == 1000 else [str(i) for i in range(n)]
     return ExportSource(model=model.eval(), preprocess=TORCHVISION_PREPROCESS,
-                        classes=[str(i) for i in range(n)], sha256=sha256_file(path), path=path)
+                        classes=classes, sha256=sha256_file(path), path=path)
 
 
 # ---------------------------------------------------------------------------------------------

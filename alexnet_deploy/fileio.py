@@ -15,12 +15,26 @@ from alexnet_deploy.errors import UserError
 
 
 def check_writable_dir(path: Path) -> None:
-    """Raise UserError unless ``path``'s parent folder exists and is writable."""
+    """Raise UserError unless ``path`` can be written: its parent folder is writable, or the
+    nearest folder above it that exists is (missing folders are created only when something is
+    written, by :func:`atomic_path` and :func:`make_parent`)."""
     parent = Path(path).resolve().parent
-    if not parent.is_dir():
-        raise UserError(f"output folder {parent} does not exist: create it or choose another --out")
-    if not os.access(parent, os.W_OK):
-        raise UserError(f"output folder {parent} is not writable: choose another --out")
+    existing = parent
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        raise UserError(f"cannot write {path}: {existing} is a file, not a folder; choose "
+                        "another output path")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise UserError(f"output folder {existing} is not writable: choose another output path")
+
+
+def make_parent(path: Path | str) -> Path:
+    """Create ``path``'s parent folders (the moment something is written there); return it."""
+    path = Path(path)
+    check_writable_dir(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return path
 
 
 @contextlib.contextmanager
@@ -30,8 +44,7 @@ def atomic_path(dest: Path | str) -> Iterator[Path]:
     An exception or interrupt inside the block removes the temporary file, so ``dest`` is either
     the old file or the complete new one, never half-written.
     """
-    dest = Path(dest)
-    check_writable_dir(dest)
+    dest = make_parent(dest)
     fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent)
     os.close(fd)
     tmp_path = Path(tmp)

@@ -190,9 +190,12 @@ def test_engine_dir_atomic_never_overwrites_what_it_did_not_write(tmp_path):
                 engine_dir_atomic(dest):
             pass
     assert (tmp_path / "photos" / "cat.jpg").read_bytes() == b"meow"
-    with pytest.raises(UserError, match="does not exist"), \
-            engine_dir_atomic(tmp_path / "missing" / "engine"):
+    with pytest.raises(UserError, match="is a file, not a folder"), \
+            engine_dir_atomic(tmp_path / "file" / "engine"):
         pass
+    with engine_dir_atomic(tmp_path / "missing" / "engine") as tmp:  # created when written
+        (tmp / "engine.json").write_text("{}")
+    assert (tmp_path / "missing" / "engine" / "engine.json").is_file()
 
 
 def _umask() -> int:

@@ -69,6 +69,13 @@ def cpu_session(model: str | Path | bytes, threads: int | None = None):
 
 
 class OnnxRuntimeRunner(Runner):
+    """An ONNX Runtime session; :meth:`infer` is safe to call from several threads at once.
+
+    ``InferenceSession.run`` is documented thread-safe: concurrent calls share the session's
+    weights and its intra-op thread pool, each with its own inputs and outputs, so the runner
+    needs no lock and no per-thread state.
+    """
+
     def __init__(self, session: Any, meta: InputMetadata) -> None:
         self.session = session
         self.meta = meta
