@@ -9,7 +9,6 @@ gets its own error and does not stop the others.
 
 from __future__ import annotations
 
-import io
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -24,8 +23,8 @@ class RequestError(UserError):
 
 
 class Handler:
-    """Runs batches of Triton requests on one loaded engine (safe to share between threads when
-    the engine is: ``Engine.infer`` is).
+    """Runs batches of Triton requests on one loaded engine; safe to share between threads
+    (model instances), as the engine is.
 
     Args:
         engine: a loaded :class:`~alexnet_deploy.engine.Engine`.
@@ -70,9 +69,13 @@ class Handler:
         return answers
 
     def labels(self, logits: np.ndarray) -> np.ndarray:
-        """``[n, top_k]`` class names (bytes) of the highest logits, best first."""
-        order = np.argsort(-logits, axis=1, kind="stable")[:, :self.top_k]
-        return self._labels[order]
+        """``[n, top_k]`` class names (bytes) of the most probable classes, best first."""
+        from alexnet_deploy.engine import top_k_predictions
+
+        predictions = top_k_predictions(logits, self.engine.sidecar.classes, self.top_k,
+                                        [""] * len(logits))
+        return np.array([[label.encode() for label in p.labels] for p in predictions],
+                        dtype=object).reshape(len(logits), self.top_k)
 
     def _inputs(self, request: Mapping[str, np.ndarray]) -> np.ndarray:
         has_tensor, has_image = self.input_name in request, IMAGE_INPUT in request
@@ -91,21 +94,18 @@ class Handler:
         return self.decode(request[IMAGE_INPUT])
 
     def decode(self, images: np.ndarray) -> np.ndarray:
-        """``[n, 1]`` encoded images -> the engine's preprocessed ``[n, C, H, W]`` batch."""
+        """``[n, 1]`` encoded images -> the engine's preprocessed ``[n, C, H, W]`` batch
+        (:meth:`Engine.preprocess <alexnet_deploy.engine.Engine.preprocess>`)."""
         items = np.asarray(images, dtype=object).reshape(len(images), -1)
         if items.shape[1] != 1:
             raise RequestError(f"input {IMAGE_INPUT!r} must be BYTES [n, 1] (one encoded image "
                                f"per row), got {list(np.shape(images))}")
-        return np.stack([self._decode_one(i, item) for i, item in enumerate(items[:, 0])])
-
-    def _decode_one(self, i: int, data: Any) -> np.ndarray:
-        from PIL import Image, UnidentifiedImageError
-
-        if not isinstance(data, (bytes, bytearray)) or not data:
-            raise RequestError(f"image {i} of the request is empty or not bytes")
+        data = list(items[:, 0])
+        for i, item in enumerate(data):
+            # only bytes: a string would be taken as a path and read from the server's disk
+            if not isinstance(item, (bytes, bytearray)) or not item:
+                raise RequestError(f"image {i} of the request is empty or not bytes")
         try:
-            with Image.open(io.BytesIO(data)) as image:
-                return self.engine.sidecar.preprocess.load(image)
-        except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
-            raise RequestError(f"image {i} of the request ({len(data)} bytes) cannot be decoded "
-                               f"({e}): send a JPEG, PNG or another format Pillow reads") from e
+            return self.engine.preprocess(data)
+        except UserError as e:
+            raise RequestError(f"image of the request cannot be decoded: {e}") from e
