@@ -406,3 +406,26 @@ def test_python_flavour_repository_served_by_bundled_tritonserver(ort_engine, tm
     finally:
         server.stop()
     assert not server.leftovers, "tritonserver or its backend stubs outlived it"
+
+
+@pytest.mark.serving
+@pytest.mark.slow
+def test_loadtest_sweeps_both_settings_and_writes_a_report(ort_engine, tmp_path):
+    needs_triton()
+    report = tmp_path / "lt.md"
+    result = run_cli("loadtest", "--engine", ort_engine, "--data", "synthetic:test",
+                     "--concurrency", "1,4", "--protocols", "http,grpc", "--duration", 0.5,
+                     "--images", 8, "--json", tmp_path / "lt.json", "--report", report)
+    assert result.exit_code == 0, result.output
+    doc = json.loads((tmp_path / "lt.json").read_text())
+    levels = {(lv["batching"], lv["protocol"], lv["concurrency"]): lv for lv in doc["levels"]}
+    assert set(levels) == {(b, p, c) for b in ("on", "off") for p in ("http", "grpc")
+                           for c in (1, 4)}
+    assert doc["passed"] and all(lv["ok"] > 0 and lv["failed"] == lv["wrong"] == 0
+                                 for lv in levels.values())
+    text = report.read_text()
+    assert "## Dynamic batching on vs off" in text and "no failed or wrong answers" in text
+    assert (tmp_path / "lt-loadtest.png").stat().st_size > 0
+    bad = run_cli("loadtest", "--engine", ort_engine, "--data", "synthetic:test",
+                  "--protocols", "smtp")
+    assert bad.exit_code == 2 and "error: --protocols ['smtp']" in bad.output

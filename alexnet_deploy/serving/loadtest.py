@@ -1,10 +1,12 @@
 """``alexnet-deploy loadtest``: a concurrency sweep against ``alexnet-deploy serve``, in the manner
 of Triton's ``perf_analyzer``, with every answer checked.
 
-For each dynamic-batching setting (``on``, ``off``) the engine is served by ``alexnet-deploy
-serve`` in a child process; for each protocol (HTTP, gRPC, through ``tritonclient``) and each
-concurrency level C, C client threads (one client each) send one preprocessed image per request
-back to back for ``duration`` seconds, after two untimed requests each. Per level: throughput
+For each dynamic-batching setting (``on``, ``off``) the engine is served by its own
+``alexnet-deploy serve`` child process, all started before the sweep; for each protocol (HTTP,
+gRPC, through ``tritonclient``) and each concurrency level C the settings run back to back (in
+alternating order from level to level, so that a machine whose load drifts favours neither): C
+client threads (one client each) send one preprocessed image per request back to back for
+``duration`` seconds, after two untimed requests each. Per level: throughput
 (answered requests per second of the level's wall time), client-side latency p50/p95/p99, failed
 requests (a Triton or transport error) and wrong answers.
 
@@ -268,27 +270,38 @@ def run_loadtest(engine: Path | str, data: str | Path, *,
                             max_queue_delay_us=max_queue_delay_us, max_batch=max_batch_size,
                             host=host_info())
     expected = expected.astype(np.float64)
-    with tempfile.TemporaryDirectory(prefix="alexnet-loadtest-") as tmp:
-        for setting in batching:
+    with tempfile.TemporaryDirectory(prefix="alexnet-loadtest-") as tmp, \
+            contextlib.ExitStack() as stack:
+        servers: dict[str, Any] = {}
+        for setting in batching:  # all servers up at once, so that levels can interleave
             ports = Ports(*free_ports())
             argv = serve_command(folder, ports, max_batch=max_batch_size,
                                  max_queue_delay_us=max_queue_delay_us, threads=threads,
                                  no_batching=not BATCHING[setting])
-            log = Path(tmp) / f"serve-{setting}.log"
-            say(f"dynamic batching {setting}: starting the server")
-            with ServerProcess(argv, ports, [DEFAULT_MODEL_NAME], log=log) as server:
-                try:
-                    server.wait_ready()
-                except RuntimeError as e:
-                    raise UserError(f"the server did not start: {e}") from e
-                for protocol in protocols:
-                    port = ports.http if protocol == "http" else ports.grpc
-                    for c in concurrency:
-                        level = run_level(protocol, port, c, duration, images, expected, labels,
-                                          input_name=side.input_name,
-                                          output_name=side.output_name, batching=setting)
-                        result.levels.append(level)
-                        say(_level_line(level))
+            say(f"dynamic batching {setting}: starting a server")
+            server = stack.enter_context(ServerProcess(argv, ports, [DEFAULT_MODEL_NAME],
+                                                       log=Path(tmp) / f"serve-{setting}.log"))
+            servers[setting] = server
+        for setting, server in servers.items():
+            try:
+                server.wait_ready()
+            except RuntimeError as e:
+                raise UserError(f"the server with dynamic batching {setting} did not start: "
+                                f"{e}") from e
+        step = 0
+        for protocol in protocols:
+            for c in concurrency:
+                # the settings side by side at each level, in alternating order (load drifts)
+                order = batching if step % 2 == 0 else batching[::-1]
+                step += 1
+                for setting in order:
+                    ports = servers[setting].ports
+                    level = run_level(protocol, ports.http if protocol == "http" else ports.grpc,
+                                      c, duration, images, expected, labels,
+                                      input_name=side.input_name, output_name=side.output_name,
+                                      batching=setting)
+                    result.levels.append(level)
+                    say(_level_line(level))
     if json_path:
         from alexnet_deploy.fileio import write_json_atomic
 
