@@ -436,6 +436,8 @@ def serve(engine, http_port, grpc_port, metrics_port, name, max_batch, max_queue
               help="Dynamic batching settings to measure side by side.")
 @click.option("--duration", type=float, default=3.0, show_default=True, metavar="S",
               help="Timed seconds per level.")
+@click.option("--rounds", type=int, default=1, show_default=True, metavar="R",
+              help="Repeat the sweep R times; req/s is the median over rounds.")
 @click.option("--images", "num_images", type=int, default=64, show_default=True, metavar="N",
               help="Distinct images sent (round robin).")
 @_MAX_BATCH
@@ -444,15 +446,15 @@ def serve(engine, http_port, grpc_port, metrics_port, name, max_batch, max_queue
 @click.option("--json", "json_path", metavar="FILE", help="Write the results as JSON.")
 @click.option("--report", "report_path", metavar="FILE.md",
               help="Write a markdown report with a PNG plot beside it.")
-def loadtest(engine, data, concurrency, protocols, batching, duration, num_images, max_batch,
-             max_queue_delay_us, threads, json_path, report_path) -> None:
+def loadtest(engine, data, concurrency, protocols, batching, duration, rounds, num_images,
+             max_batch, max_queue_delay_us, threads, json_path, report_path) -> None:
     """Concurrency sweep against 'serve' over HTTP and gRPC, every answer checked."""
     from alexnet_deploy.serving.loadtest import run_loadtest
 
     result = run_loadtest(engine, data, concurrency=parse_csv(concurrency, int, "--concurrency"),
                           protocols=parse_csv(protocols, str, "--protocols"),
                           batching=parse_csv(batching, str, "--batching"), duration=duration,
-                          num_images=num_images, max_batch=max_batch,
+                          rounds=rounds, num_images=num_images, max_batch=max_batch,
                           max_queue_delay_us=max_queue_delay_us, threads=threads,
                           json_path=json_path, report_path=report_path, say=click.echo)
     if not result.passed:

@@ -34,4 +34,4 @@ PY
 fi
 $BIN/alexnet-deploy loadtest --engine "$W/tv_int8_openvino" --data $DATA/imagenet_samples48 \
   --images 48 --concurrency 1,2,4,8,16,32 --protocols http,grpc --batching on,off \
-  --duration 3 --json "$W/loadtest.json" --report docs/serving-loadtest.md
+  --duration 2 --rounds 3 --json "$W/loadtest.json" --report docs/serving-loadtest.md

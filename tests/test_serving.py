@@ -414,7 +414,8 @@ def test_loadtest_sweeps_both_settings_and_writes_a_report(ort_engine, tmp_path)
     needs_triton()
     report = tmp_path / "lt.md"
     result = run_cli("loadtest", "--engine", ort_engine, "--data", "synthetic:test",
-                     "--concurrency", "1,4", "--protocols", "http,grpc", "--duration", 0.5,
+                     "--concurrency", "1,4", "--protocols", "http,grpc", "--duration", 0.4,
+                     "--rounds", 2,
                      "--images", 8, "--json", tmp_path / "lt.json", "--report", report)
     assert result.exit_code == 0, result.output
     doc = json.loads((tmp_path / "lt.json").read_text())
@@ -423,6 +424,10 @@ def test_loadtest_sweeps_both_settings_and_writes_a_report(ort_engine, tmp_path)
                            for c in (1, 4)}
     assert doc["passed"] and all(lv["ok"] > 0 and lv["failed"] == lv["wrong"] == 0
                                  for lv in levels.values())
+    for lv in levels.values():  # two rounds pooled: req/s is their median
+        assert len(lv["round_throughputs"]) == 2
+        assert lv["throughput"] == pytest.approx(np.median(lv["round_throughputs"]), rel=1e-3)
+        assert lv["p50_ms"] <= lv["p95_ms"] <= lv["p99_ms"]
     text = report.read_text()
     assert "## Dynamic batching on vs off" in text and "no failed or wrong answers" in text
     assert (tmp_path / "lt-loadtest.png").stat().st_size > 0

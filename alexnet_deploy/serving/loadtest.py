@@ -55,11 +55,35 @@ class Level:
     p99_ms: float | None = None
     max_abs_diff: float = 0.0
     first_error: str = ""
+    #: correct answers per second in each round (one entry per timed run of this level)
+    round_throughputs: list[float] = field(default_factory=list)
+    latencies_ms: list[float] = field(default_factory=list, repr=False)
 
     @property
     def throughput(self) -> float:
-        """Correctly answered requests (one image each) per second."""
+        """Correctly answered requests (one image each) per second: the median over rounds."""
+        if self.round_throughputs:
+            return float(np.median(self.round_throughputs))
         return self.ok / self.seconds if self.seconds > 0 else 0.0
+
+    def add(self, other: Level) -> None:
+        """Pool another round of the same level into this one (latency percentiles over all
+        requests, counts summed, throughput the median of the rounds')."""
+        self.seconds += other.seconds
+        self.ok, self.failed, self.wrong = (self.ok + other.ok, self.failed + other.failed,
+                                            self.wrong + other.wrong)
+        self.max_abs_diff = max(self.max_abs_diff, other.max_abs_diff)
+        self.first_error = self.first_error or other.first_error
+        self.round_throughputs += other.round_throughputs
+        self.latencies_ms += other.latencies_ms
+        self._percentiles()
+
+    def _percentiles(self) -> None:
+        if self.latencies_ms:
+            from alexnet_deploy.bench import LatencyStats
+
+            stats = LatencyStats.from_ms(self.latencies_ms)
+            self.p50_ms, self.p95_ms, self.p99_ms = stats.p50, stats.p95, stats.p99
 
     def row(self) -> dict[str, Any]:
         return {"batching": self.batching, "protocol": self.protocol,
@@ -79,6 +103,7 @@ class LoadTestResult:
     num_classes: int
     images: int
     duration: float
+    rounds: int
     max_queue_delay_us: int
     max_batch: int
     host: dict[str, str]
@@ -90,7 +115,8 @@ class LoadTestResult:
 
     def to_json(self) -> dict[str, Any]:
         d = asdict(self)
-        d["levels"] = [{**asdict(lv), "throughput": round(lv.throughput, 3)} for lv in self.levels]
+        d["levels"] = [{**{k: v for k, v in asdict(lv).items() if k != "latencies_ms"},
+                        "throughput": round(lv.throughput, 3)} for lv in self.levels]
         d["passed"] = self.passed
         return d
 
@@ -186,21 +212,19 @@ def run_level(protocol: str, port: int, concurrency: int, duration: float, image
     for th in threads:
         th.join()
     seconds = time.perf_counter() - times[0]
-    all_lat = [x for per in lat for x in per]
     level = Level(batching=batching, protocol=protocol, concurrency=concurrency,
                   seconds=seconds, ok=int(counts[:, 0].sum()), failed=int(counts[:, 1].sum()),
                   wrong=int(counts[:, 2].sum()), max_abs_diff=float(worst.max()),
-                  first_error=errors[0][:300] if errors else "")
-    if all_lat:
-        from alexnet_deploy.bench import LatencyStats
-
-        stats = LatencyStats.from_ms(all_lat)
-        level.p50_ms, level.p95_ms, level.p99_ms = stats.p50, stats.p95, stats.p99
+                  first_error=errors[0][:300] if errors else "",
+                  latencies_ms=[x for per in lat for x in per])
+    level.round_throughputs = [level.ok / seconds]
+    level._percentiles()
     return level
 
 
 def _check_options(concurrency: Sequence[int], protocols: Sequence[str],
-                   batching: Sequence[str], duration: float, num_images: int) -> None:
+                   batching: Sequence[str], duration: float, num_images: int,
+                   rounds: int = 1) -> None:
     if not concurrency or min(concurrency) < 1:
         raise UserError(f"--concurrency {list(concurrency)}: give levels of 1 or more")
     bad = [p for p in protocols if p not in PROTOCOLS]
@@ -211,12 +235,15 @@ def _check_options(concurrency: Sequence[int], protocols: Sequence[str],
         raise UserError(f"--batching {list(batching)}: choose from on, off")
     if duration <= 0 or num_images < 1:
         raise UserError("--duration must be above 0 and --images at least 1")
+    if rounds < 1:
+        raise UserError(f"--rounds {rounds} must be at least 1")
 
 
 def run_loadtest(engine: Path | str, data: str | Path, *,
                  concurrency: Sequence[int] = (1, 2, 4, 8, 16, 32),
                  protocols: Sequence[str] = PROTOCOLS, batching: Sequence[str] = ("on", "off"),
-                 duration: float = 3.0, num_images: int = 64, max_batch: int | None = None,
+                 duration: float = 3.0, rounds: int = 1, num_images: int = 64,
+                 max_batch: int | None = None,
                  max_queue_delay_us: int = DEFAULT_MAX_QUEUE_DELAY_US,
                  threads: int | None = None, json_path: Path | str | None = None,
                  report_path: Path | str | None = None,
@@ -230,7 +257,9 @@ def run_loadtest(engine: Path | str, data: str | Path, *,
         protocols: ``http`` and/or ``grpc``. Defaults to both.
         batching: ``on`` and/or ``off`` (dynamic batching), each a server of its own. Defaults
             to both.
-        duration: timed seconds per level. Defaults to 3.
+        duration: timed seconds per level and round. Defaults to 3.
+        rounds: times the whole sweep is repeated; each level reports the median throughput
+            of its rounds and latency percentiles over all their requests. Defaults to 1.
         num_images: distinct images sent round robin. Defaults to 64.
         max_batch: the server's largest batch. Defaults to None (the engine's, 64 for CPU ones).
         max_queue_delay_us: the dynamic batcher's delay. Defaults to 500.
@@ -253,7 +282,7 @@ def run_loadtest(engine: Path | str, data: str | Path, *,
 
     _require_pytriton()
     concurrency, protocols, batching = list(concurrency), list(protocols), list(batching)
-    _check_options(concurrency, protocols, batching, duration, num_images)
+    _check_options(concurrency, protocols, batching, duration, num_images, rounds)
     for option, out in (("--json", json_path), ("--report", report_path)):
         if out is not None and not Path(out).resolve().parent.is_dir():
             raise UserError(f"{option} {out}: its folder does not exist; create it first")
@@ -266,7 +295,7 @@ def run_loadtest(engine: Path | str, data: str | Path, *,
         folder = loaded.path
     result = LoadTestResult(engine=str(folder), backend=side.backend, precision=side.precision,
                             input_shape=tuple(side.input_shape), num_classes=side.num_classes,
-                            images=len(images), duration=duration,
+                            images=len(images), duration=duration, rounds=rounds,
                             max_queue_delay_us=max_queue_delay_us, max_batch=max_batch_size,
                             host=host_info())
     expected = expected.astype(np.float64)
@@ -288,20 +317,29 @@ def run_loadtest(engine: Path | str, data: str | Path, *,
             except RuntimeError as e:
                 raise UserError(f"the server with dynamic batching {setting} did not start: "
                                 f"{e}") from e
+        pooled: dict[tuple[str, str, int], Level] = {}
         step = 0
-        for protocol in protocols:
-            for c in concurrency:
-                # the settings side by side at each level, in alternating order (load drifts)
-                order = batching if step % 2 == 0 else batching[::-1]
-                step += 1
-                for setting in order:
-                    ports = servers[setting].ports
-                    level = run_level(protocol, ports.http if protocol == "http" else ports.grpc,
-                                      c, duration, images, expected, labels,
-                                      input_name=side.input_name, output_name=side.output_name,
-                                      batching=setting)
-                    result.levels.append(level)
-                    say(_level_line(level))
+        for r in range(rounds):
+            for protocol in protocols:
+                for c in concurrency:
+                    # the settings side by side at each level, in alternating order (load drifts)
+                    order = batching if step % 2 == 0 else batching[::-1]
+                    step += 1
+                    for setting in order:
+                        ports = servers[setting].ports
+                        level = run_level(protocol,
+                                          ports.http if protocol == "http" else ports.grpc,
+                                          c, duration, images, expected, labels,
+                                          input_name=side.input_name,
+                                          output_name=side.output_name, batching=setting)
+                        say(f"round {r + 1}/{rounds} {_level_line(level)}")
+                        key = (setting, protocol, c)
+                        if key in pooled:
+                            pooled[key].add(level)
+                        else:
+                            pooled[key] = level
+        result.levels = [pooled[(b, p, c)] for b in batching for p in protocols
+                         for c in concurrency]
     if json_path:
         from alexnet_deploy.fileio import write_json_atomic
 
@@ -344,7 +382,10 @@ def write_loadtest_report(path: Path | str, result: LoadTestResult) -> list[Path
              f"{c}x{h}x{w}, {result.num_classes} classes) served by `alexnet-deploy serve` "
              f"(Triton through PyTriton; max batch {result.max_batch}, queue delay "
              f"{result.max_queue_delay_us} us when batching is on). {result.images} distinct "
-             f"images, one per request, {result.duration:g} s per level; every answer checked "
+             f"images, one per request, {result.duration:g} s per level and round, "
+             f"{result.rounds} round(s), batching on and off side by side at each level "
+             "(req/s: the median over rounds; latency percentiles over all rounds' requests); "
+             "every answer checked "
              f"against the engine's own logits for that image. Host: {result.host.get('cpu')} "
              f"({result.host.get('hostname')}). Verdict: "
              f"{'no failed or wrong answers' if result.passed else 'FAILED or WRONG answers'}.")
