@@ -188,6 +188,9 @@ def test_package_refuses_existing_model_and_missing_sidecar(ort_engine, tmp_path
     assert missing.exit_code == 2 and "no engine.json" in missing.output
     inside = run_cli("package", "--engine", ort_engine, "--triton", ort_engine / "repo")
     assert inside.exit_code == 2 and "inside the engine folder" in inside.output
+    orphan = run_cli("package", "--engine", ort_engine, "--triton", tmp_path / "no" / "repo")
+    assert orphan.exit_code == 2 and "its parent folder does not exist" in orphan.output
+    assert not (tmp_path / "no").exists()
     assert sorted(p.name for p in repo.iterdir()) == ["alexnet"]
 
 
@@ -428,6 +431,7 @@ def test_loadtest_sweeps_both_settings_and_writes_a_report(ort_engine, tmp_path)
         assert len(lv["round_throughputs"]) == 2
         assert lv["throughput"] == pytest.approx(np.median(lv["round_throughputs"]), rel=1e-3)
         assert lv["p50_ms"] <= lv["p95_ms"] <= lv["p99_ms"]
+        assert lv["server_cpu_s"] > 0 and lv["cpu_ms_per_request"] > 0
     text = report.read_text()
     assert "## Dynamic batching on vs off" in text and "no failed or wrong answers" in text
     assert (tmp_path / "lt-loadtest.png").stat().st_size > 0

@@ -20,6 +20,7 @@ server: on a small machine the client's own cost is part of every figure.
 from __future__ import annotations
 
 import contextlib
+import os
 import tempfile
 import threading
 import time
@@ -55,6 +56,9 @@ class Level:
     p99_ms: float | None = None
     max_abs_diff: float = 0.0
     first_error: str = ""
+    #: CPU seconds the server's processes (serve, tritonserver, backend stubs) used in the
+    #: timed runs; None where /proc is not readable
+    server_cpu_s: float | None = None
     #: correct answers per second in each round (one entry per timed run of this level)
     round_throughputs: list[float] = field(default_factory=list)
     latencies_ms: list[float] = field(default_factory=list, repr=False)
@@ -66,10 +70,20 @@ class Level:
             return float(np.median(self.round_throughputs))
         return self.ok / self.seconds if self.seconds > 0 else 0.0
 
+    @property
+    def cpu_ms_per_request(self) -> float | None:
+        """Server CPU milliseconds per correct answer: what a request costs, whatever else the
+        machine runs (less sensitive to other load than req/s)."""
+        if self.server_cpu_s is None or not self.ok:
+            return None
+        return 1e3 * self.server_cpu_s / self.ok
+
     def add(self, other: Level) -> None:
         """Pool another round of the same level into this one (latency percentiles over all
         requests, counts summed, throughput the median of the rounds')."""
         self.seconds += other.seconds
+        self.server_cpu_s = (None if self.server_cpu_s is None or other.server_cpu_s is None
+                             else self.server_cpu_s + other.server_cpu_s)
         self.ok, self.failed, self.wrong = (self.ok + other.ok, self.failed + other.failed,
                                             self.wrong + other.wrong)
         self.max_abs_diff = max(self.max_abs_diff, other.max_abs_diff)
@@ -89,6 +103,7 @@ class Level:
         return {"batching": self.batching, "protocol": self.protocol,
                 "concurrency": self.concurrency, "req/s": round(self.throughput, 1),
                 "p50 ms": self.p50_ms, "p95 ms": self.p95_ms, "p99 ms": self.p99_ms,
+                "server CPU ms/req": self.cpu_ms_per_request,
                 "ok": self.ok, "failed": self.failed, "wrong": self.wrong}
 
 
@@ -116,7 +131,8 @@ class LoadTestResult:
     def to_json(self) -> dict[str, Any]:
         d = asdict(self)
         d["levels"] = [{**{k: v for k, v in asdict(lv).items() if k != "latencies_ms"},
-                        "throughput": round(lv.throughput, 3)} for lv in self.levels]
+                        "throughput": round(lv.throughput, 3),
+                        "cpu_ms_per_request": lv.cpu_ms_per_request} for lv in self.levels]
         d["passed"] = self.passed
         return d
 
@@ -162,8 +178,10 @@ def check_answer(logits: np.ndarray, label: bytes, expected: np.ndarray,
 def run_level(protocol: str, port: int, concurrency: int, duration: float, images: np.ndarray,
               expected: np.ndarray, expected_labels: Sequence[bytes], *,
               model: str = DEFAULT_MODEL_NAME, input_name: str = "input",
-              output_name: str = "logits", batching: str = "on") -> Level:
-    """``concurrency`` threads sending ``images`` round robin for ``duration`` seconds."""
+              output_name: str = "logits", batching: str = "on",
+              server_group: int | None = None) -> Level:
+    """``concurrency`` threads sending ``images`` round robin for ``duration`` seconds; with
+    ``server_group`` (the server's process group), the CPU time its processes use meanwhile."""
     n = len(images)
     lat: list[list[float]] = [[] for _ in range(concurrency)]
     counts = np.zeros((concurrency, 3), dtype=np.int64)  # ok, failed, wrong
@@ -171,7 +189,10 @@ def run_level(protocol: str, port: int, concurrency: int, duration: float, image
     errors: list[str] = []
     times = [0.0, 0.0]  # start, stop: set once every thread has warmed up, before any goes on
 
+    cpu = [0.0]
+
     def begin() -> None:
+        cpu[0] = group_cpu_seconds(server_group)
         times[0] = time.perf_counter()
         times[1] = times[0] + duration
 
@@ -212,14 +233,40 @@ def run_level(protocol: str, port: int, concurrency: int, duration: float, image
     for th in threads:
         th.join()
     seconds = time.perf_counter() - times[0]
+    server_cpu = group_cpu_seconds(server_group) - cpu[0]
     level = Level(batching=batching, protocol=protocol, concurrency=concurrency,
                   seconds=seconds, ok=int(counts[:, 0].sum()), failed=int(counts[:, 1].sum()),
                   wrong=int(counts[:, 2].sum()), max_abs_diff=float(worst.max()),
                   first_error=errors[0][:300] if errors else "",
-                  latencies_ms=[x for per in lat for x in per])
+                  latencies_ms=[x for per in lat for x in per],
+                  server_cpu_s=None if np.isnan(server_cpu) else server_cpu)
     level.round_throughputs = [level.ok / seconds]
     level._percentiles()
     return level
+
+
+def group_cpu_seconds(pgid: int | None) -> float:
+    """User + system CPU seconds of the live processes in process group ``pgid`` (from
+    ``/proc``; NaN when it cannot be read). Processes that exited in between are not counted:
+    a server's processes live as long as the server."""
+    if pgid is None:
+        return float("nan")
+    ticks = os.sysconf("SC_CLK_TCK")
+    total = 0
+    try:
+        entries = [p for p in os.listdir("/proc") if p.isdigit()]
+    except OSError:
+        return float("nan")
+    for pid in entries:
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue  # gone meanwhile
+        # after the command: state ppid pgrp ... utime (12th) stime (13th)
+        if int(fields[2]) == pgid:
+            total += int(fields[11]) + int(fields[12])
+    return total / ticks
 
 
 def _check_options(concurrency: Sequence[int], protocols: Sequence[str],
@@ -331,7 +378,8 @@ def run_loadtest(engine: Path | str, data: str | Path, *,
                                           ports.http if protocol == "http" else ports.grpc,
                                           c, duration, images, expected, labels,
                                           input_name=side.input_name,
-                                          output_name=side.output_name, batching=setting)
+                                          output_name=side.output_name, batching=setting,
+                                          server_group=servers[setting].proc.pid)
                         say(f"round {r + 1}/{rounds} {_level_line(level)}")
                         key = (setting, protocol, c)
                         if key in pooled:
@@ -352,9 +400,11 @@ def run_loadtest(engine: Path | str, data: str | Path, *,
 def _level_line(lv: Level) -> str:
     p = f"p50 {lv.p50_ms:.1f} p95 {lv.p95_ms:.1f} p99 {lv.p99_ms:.1f} ms" if lv.p50_ms else "-"
     err = f"  first error: {lv.first_error}" if lv.first_error else ""
+    cpu = lv.cpu_ms_per_request
+    cpu_text = f"  server CPU {cpu:.1f} ms/req" if cpu is not None else ""
     return (f"batching {lv.batching:3s} {lv.protocol:4s} c={lv.concurrency:<3d} "
-            f"{lv.throughput:8.1f} req/s  {p}  ok {lv.ok} failed {lv.failed} wrong {lv.wrong}"
-            f"{err}")
+            f"{lv.throughput:8.1f} req/s  {p}{cpu_text}  ok {lv.ok} failed {lv.failed} "
+            f"wrong {lv.wrong}{err}")
 
 
 def write_loadtest_report(path: Path | str, result: LoadTestResult) -> list[Path]:
@@ -376,7 +426,9 @@ def write_loadtest_report(path: Path | str, result: LoadTestResult) -> list[Path
                                    "req/s on": round(on.throughput, 1),
                                    "req/s off": round(off.throughput, 1),
                                    "on / off": round(on.throughput / off.throughput, 2),
-                                   "p99 on ms": on.p99_ms, "p99 off ms": off.p99_ms})
+                                   "p99 on ms": on.p99_ms, "p99 off ms": off.p99_ms,
+                                   "CPU ms/req on": on.cpu_ms_per_request,
+                                   "CPU ms/req off": off.cpu_ms_per_request})
     c, h, w = result.input_shape
     intro = (f"Engine `{result.engine}` ({result.backend} {result.precision}, input "
              f"{c}x{h}x{w}, {result.num_classes} classes) served by `alexnet-deploy serve` "
@@ -386,7 +438,9 @@ def write_loadtest_report(path: Path | str, result: LoadTestResult) -> list[Path
              f"{result.rounds} round(s), batching on and off side by side at each level "
              "(req/s: the median over rounds; latency percentiles over all rounds' requests); "
              "every answer checked "
-             f"against the engine's own logits for that image. Host: {result.host.get('cpu')} "
+             f"against the engine's own logits for that image. Server CPU ms/req: CPU time of "
+             "the server's processes per correct answer (less sensitive than req/s to other "
+             "work on the machine). Host: {result.host.get('cpu')} "
              f"({result.host.get('hostname')}). Verdict: "
              f"{'no failed or wrong answers' if result.passed else 'FAILED or WRONG answers'}.")
     parts = [f"# Triton load test\n\n{intro}\n"]
