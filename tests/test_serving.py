@@ -434,6 +434,7 @@ def test_loadtest_sweeps_both_settings_and_writes_a_report(ort_engine, tmp_path)
         assert lv["server_cpu_s"] > 0 and lv["cpu_ms_per_request"] > 0
     text = report.read_text()
     assert "## Dynamic batching on vs off" in text and "no failed or wrong answers" in text
+    assert "{" not in text  # every placeholder filled in
     assert (tmp_path / "lt-loadtest.png").stat().st_size > 0
     bad = run_cli("loadtest", "--engine", ort_engine, "--data", "synthetic:test",
                   "--protocols", "smtp")

@@ -408,8 +408,8 @@ def _level_line(lv: Level) -> str:
 
 
 def write_loadtest_report(path: Path | str, result: LoadTestResult) -> list[Path]:
-    """A markdown table of every level and ``STEM-loadtest.png`` beside it (throughput and p99
-    against concurrency, one line per protocol and batching setting)."""
+    """A markdown table of every level and ``STEM-loadtest.png`` beside it (throughput, p99 and
+    server CPU per request against concurrency, one line per protocol and batching setting)."""
     from alexnet_deploy.fileio import write_text_atomic
     from alexnet_deploy.report import Section
 
@@ -437,17 +437,17 @@ def write_loadtest_report(path: Path | str, result: LoadTestResult) -> list[Path
              f"images, one per request, {result.duration:g} s per level and round, "
              f"{result.rounds} round(s), batching on and off side by side at each level "
              "(req/s: the median over rounds; latency percentiles over all rounds' requests); "
-             "every answer checked "
-             f"against the engine's own logits for that image. Server CPU ms/req: CPU time of "
-             "the server's processes per correct answer (less sensitive than req/s to other "
-             "work on the machine). Host: {result.host.get('cpu')} "
+             "every answer checked against the engine's own logits for that image. Server "
+             "CPU ms/req: CPU time of the server's processes per correct answer (less "
+             f"sensitive than req/s to other work on the machine). Host: {result.host.get('cpu')} "
              f"({result.host.get('hostname')}). Verdict: "
              f"{'no failed or wrong answers' if result.passed else 'FAILED or WRONG answers'}.")
     parts = [f"# Triton load test\n\n{intro}\n"]
     if ratio_rows:
         parts.append(Section("Dynamic batching on vs off", rows=ratio_rows).to_markdown())
     parts.append(Section("Every level", rows=[lv.row() for lv in result.levels]).to_markdown())
-    parts.append(f"![throughput and p99 latency against concurrency]({plot.name})\n")
+    parts.append(f"![throughput, p99 latency and server CPU per request against concurrency]"
+                 f"({plot.name})\n")
     write_text_atomic(path, "\n".join(parts))
     return [path, plot]
 
@@ -462,8 +462,8 @@ def _plot(result: LoadTestResult, dest: Path) -> None:
 
     from alexnet_deploy.fileio import atomic_path
 
-    fig = Figure(figsize=(11, 4.2), dpi=110)
-    ax_t, ax_p = fig.subplots(1, 2)
+    fig = Figure(figsize=(15, 4.2), dpi=110)
+    ax_t, ax_p, ax_c = fig.subplots(1, 3)
     for batching in dict.fromkeys(lv.batching for lv in result.levels):
         for protocol in dict.fromkeys(lv.protocol for lv in result.levels):
             lvs = [lv for lv in result.levels if (lv.batching, lv.protocol) == (batching,
@@ -477,8 +477,10 @@ def _plot(result: LoadTestResult, dest: Path) -> None:
                     "label": f"{protocol}, batching {batching}"}
             ax_t.plot(xs, [lv.throughput for lv in lvs], style, **look)
             ax_p.plot(xs, [lv.p99_ms or np.nan for lv in lvs], style, **look)
+            ax_c.plot(xs, [lv.cpu_ms_per_request or np.nan for lv in lvs], style, **look)
     levels = sorted({lv.concurrency for lv in result.levels})
-    for ax, ylabel in ((ax_t, "requests / s (one image each)"), (ax_p, "p99 latency (ms)")):
+    for ax, ylabel in ((ax_t, "requests / s (one image each)"), (ax_p, "p99 latency (ms)"),
+                       (ax_c, "server CPU ms per request")):
         ax.set_xscale("log", base=2)
         ax.set_xticks(levels, [str(c) for c in levels])
         ax.set_xlabel("concurrency (requests in flight)")
