@@ -18,6 +18,8 @@ import sys
 import click
 
 from alexnet_deploy import __version__
+from alexnet_deploy.backends import BACKENDS
+from alexnet_deploy.engine import BUILD_PRECISIONS
 from alexnet_deploy.errors import UserError
 
 
@@ -183,13 +185,14 @@ def calibrate(model, data, method, percentile, num_images, batch_size, seed, trt
 @cli.command()
 @click.option("--model", required=True, metavar="MODEL.onnx",
               help="The model written by 'alexnet-deploy export'.")
-@click.option("--precision", required=True, type=click.Choice(["fp32", "fp16", "int8"]),
+@click.option("--precision", required=True, type=click.Choice(BUILD_PRECISIONS),
               help="Engine precision (INT8 needs --calibration).")
 @click.option("--calibration", metavar="FILE",
               help="Calibration JSON from 'alexnet-deploy calibrate' on this model (INT8).")
-@click.option("--backend", default="auto", show_default=True, metavar="NAME",
-              help="auto, onnxruntime, openvino or tensorrt (auto: TensorRT on a GPU, else "
-                   "OpenVINO if installed, else ONNX Runtime).")
+@click.option("--backend", default="auto", show_default=True,
+              type=click.Choice(["auto", *BACKENDS]),
+              help="Engine backend (auto: TensorRT on a GPU, else OpenVINO if installed, else "
+                   "ONNX Runtime).")
 @click.option("--max-batch", type=int, default=64, show_default=True, metavar="N",
               help="Largest batch of a TensorRT engine's profile (CPU engines take any batch).")
 @click.option("--max-top1-drop", type=float, default=None, metavar="X",
@@ -323,7 +326,7 @@ def predict(engine, images, top_k, batch_size, json_path, threads) -> None:
 @click.option("--devices", metavar="A,B",
               help="Devices of the two towers.  [default: two GPUs if present, else cpu,cpu]")
 @click.option("--backend", default="auto", show_default=True,
-              type=click.Choice(["auto", "onnxruntime", "openvino", "tensorrt"]),
+              type=click.Choice(["auto", *BACKENDS]),
               help="Engine backend (auto: TensorRT on a GPU, else OpenVINO if installed, "
                    "else ONNX Runtime).")
 @click.option("--epochs", type=int, metavar="N", help="Override the demo recipe's epochs.")

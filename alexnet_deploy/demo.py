@@ -21,9 +21,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from alexnet_deploy.engine import BUILD_PRECISIONS
 from alexnet_deploy.errors import UserError
-
-PRECISIONS = ("fp32", "fp16", "int8")
 
 
 @dataclass
@@ -155,8 +154,8 @@ def run_demo(cfg: DemoConfig, say: Callable[[str], None] = print) -> DemoResult:
               num_images=cfg.calibration_images, say=lambda m: say(f"  {m}"))
 
     engines: dict[str, Path] = {}
-    say(f"[4/{steps}] build  {', '.join(PRECISIONS)} with backend {cfg.backend}")
-    for precision in PRECISIONS:
+    say(f"[4/{steps}] build  {', '.join(BUILD_PRECISIONS)} with backend {cfg.backend}")
+    for precision in BUILD_PRECISIONS:
         out = root / "engines" / f"{cfg.name}-{precision}"
         built = build_engine(model, precision, out, backend=cfg.backend,
                              calibration=calibration if precision == "int8" else None,

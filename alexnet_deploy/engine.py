@@ -59,13 +59,21 @@ from PIL import Image
 
 from alexnet_deploy import __version__
 from alexnet_deploy.errors import UserError
-from alexnet_deploy.fileio import check_writable_dir, make_parent, sha256_file, write_json_atomic
+from alexnet_deploy.fileio import (
+    check_writable_dir,
+    make_parent,
+    sha256_file,
+    umask,
+    write_json_atomic,
+)
 from alexnet_deploy.preprocess import ImageLike, PreprocessSpec, open_image
 
 FORMAT = "alexnet-deploy/engine/1"
 SIDECAR_NAME = "engine.json"
-PRECISIONS = ("fp32", "fp16", "int8", "mixed")
-LAYER_PRECISIONS = ("fp32", "fp16", "int8")
+#: what ``build --precision`` makes, and what one layer of an engine runs in
+BUILD_PRECISIONS = LAYER_PRECISIONS = ("fp32", "fp16", "int8")
+#: an engine's overall precision: ``mixed`` is INT8 with some layers kept in higher precision
+PRECISIONS = (*BUILD_PRECISIONS, "mixed")
 
 
 @dataclass
@@ -277,7 +285,7 @@ def engine_dir_atomic(dest: Path | str) -> Iterator[Path]:
     old: Path | None = None
     try:
         yield tmp
-        os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes it 0700
+        os.chmod(tmp, 0o777 & ~umask())  # mkdtemp makes it 0700
         if dest.exists():
             # rename(2) cannot replace a non-empty folder: move the old engine aside first
             old = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", suffix=".old",
@@ -292,12 +300,6 @@ def engine_dir_atomic(dest: Path | str) -> Iterator[Path]:
         shutil.rmtree(tmp, ignore_errors=True)
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 @dataclass(frozen=True)

@@ -51,13 +51,14 @@ def atomic_path(dest: Path | str) -> Iterator[Path]:
     try:
         yield tmp_path
         if tmp_path.is_file():  # mkstemp makes 0600 files; give the usual umask-based mode
-            os.chmod(tmp_path, 0o666 & ~_umask())
+            os.chmod(tmp_path, 0o666 & ~umask())
         os.replace(tmp_path, dest)
     finally:
         tmp_path.unlink(missing_ok=True)
 
 
-def _umask() -> int:
+def umask() -> int:
+    """The process's file-creation mask (read without changing it)."""
     mask = os.umask(0)
     os.umask(mask)
     return mask
@@ -79,6 +80,3 @@ def sha256_file(path: Path | str, chunk: int = 1 << 20) -> str:
             digest.update(block)
     return digest.hexdigest()
 
-
-def sha256_bytes(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()

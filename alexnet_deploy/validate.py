@@ -202,8 +202,8 @@ def load_reference(path: str | Path, threads: int | None = None
     """
     path = Path(path)
     if path.suffix.lower() == ".onnx":
-        from alexnet_deploy.backends.onnxruntime import cpu_session
         from alexnet_deploy.metadata import load_onnx, read_model_info
+        from alexnet_deploy.onnxrt import cpu_session
 
         info = read_model_info(load_onnx(path, load_weights=False))
         session = cpu_session(path, threads)

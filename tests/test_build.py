@@ -126,7 +126,7 @@ def test_calibration_for_another_model_is_refused(small_model, tmp_path):
 def test_unknown_backend(small_model, tmp_path):
     expect_error(run("--model", str(small_model["onnx"]), "--precision", "fp32",
                      "--backend", "tflite", "--out", str(tmp_path / "e")),
-                 "unknown backend 'tflite': choose one of auto, onnxruntime, openvino, tensorrt")
+                 "'tflite' is not one of 'auto', 'onnxruntime', 'openvino', 'tensorrt'")
 
 
 def test_backend_not_installed_says_how_to_install(small_model, tmp_path):
