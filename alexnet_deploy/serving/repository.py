@@ -41,6 +41,7 @@ from typing import Any
 
 from alexnet_deploy.engine import EngineSidecar, check_artifacts, engine_folder, read_sidecar
 from alexnet_deploy.errors import UserError
+from alexnet_deploy.fileio import umask
 from alexnet_deploy.serving import (
     DEFAULT_MAX_BATCH,
     DEFAULT_MAX_QUEUE_DELAY_US,
@@ -326,7 +327,7 @@ def package(engine: Path | str, triton_dir: Path | str, *, name: str = DEFAULT_M
                 shutil.copyfile(folder / src, vdir / dst)
         (tmp / LABEL_FILE).write_text("".join(f"{c}\n" for c in sidecar.classes))
         (tmp / "config.pbtxt").write_text(to_pbtxt(config))
-        os.chmod(tmp, 0o755)
+        os.chmod(tmp, 0o777 & ~umask())  # mkdtemp makes it 0700
         os.replace(tmp, dest)
     except OSError as e:
         raise UserError(f"cannot write Triton model {dest}: {e.strerror or e}") from e
