@@ -439,3 +439,15 @@ def test_loadtest_sweeps_both_settings_and_writes_a_report(ort_engine, tmp_path)
     bad = run_cli("loadtest", "--engine", ort_engine, "--data", "synthetic:test",
                   "--protocols", "smtp")
     assert bad.exit_code == 2 and "error: --protocols ['smtp']" in bad.output
+
+
+def test_serve_without_the_serve_extra_is_one_line(ort_engine, monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "pytriton" else real(name, *a))
+    result = run_cli("serve", "--engine", ort_engine)
+    assert result.exit_code == 2
+    assert result.output.strip() == ("error: serving needs pytriton: pip install "
+                                     "'alexnet-deploy[serve]' (nvidia-pytriton, tritonclient[all])")
