@@ -370,6 +370,119 @@ def demo(data, val_data, devices, backend, epochs, report_dir, bench_seconds, th
         sys.exit(1)
 
 
+# ---- serving on Triton Inference Server (package / serve / loadtest) ----
+
+_MAX_QUEUE_DELAY = click.option(
+    "--max-queue-delay-us", type=int, default=500, show_default=True, metavar="U",
+    help="How long Triton's dynamic batcher waits for more requests to fill a batch.")
+_INSTANCES = click.option("--instances", type=int, default=1, show_default=True, metavar="N",
+                          help="Model instances.")
+_MAX_BATCH = click.option("--max-batch", type=int, default=None, metavar="N",
+                          help="Largest batch Triton forms.  [default: the engine's largest, "
+                               "64 for CPU engines]")
+_TOP_K = click.option("--top-k", type=int, default=5, show_default=True, metavar="K",
+                      help="Class names in each answer's 'labels'.")
+
+
+@cli.command()
+@click.option("--engine", required=True, metavar="ENGINE",
+              help="Engine folder from 'alexnet-deploy build'.")
+@click.option("--triton", "triton_dir", required=True, metavar="DIR",
+              help="Triton model repository to write the model into (created if absent).")
+@click.option("--name", default="alexnet", show_default=True, metavar="NAME",
+              help="Model name (its folder in the repository).")
+@click.option("--version", "model_version", default="1", show_default=True, metavar="V",
+              help="Model version folder (a positive integer).")
+@_INSTANCES
+@_MAX_QUEUE_DELAY
+@click.option("--bench", "bench_json", metavar="JSON",
+              help="A 'bench --json' file of this engine: its fastest batch sizes become the "
+                   "dynamic batcher's preferred ones.")
+@click.option("--flavor", default="native", show_default=True,
+              type=click.Choice(["native", "python"]),
+              help="native: the engine file for Triton's ONNX Runtime / OpenVINO / TensorRT "
+                   "backend; python: a model.py running the engine through alexnet-deploy.")
+@_MAX_BATCH
+@_TOP_K
+def package(engine, triton_dir, name, model_version, instances, max_queue_delay_us, bench_json,
+            flavor, max_batch, top_k) -> None:
+    """Write a Triton model (config.pbtxt, model files, labels) for an engine."""
+    from alexnet_deploy.serving.repository import package as write_package
+
+    result = write_package(engine, triton_dir, name=name, version=model_version,
+                           instances=instances, max_queue_delay_us=max_queue_delay_us,
+                           bench=bench_json, flavor=flavor, max_batch=max_batch, top_k=top_k)
+    for line in result.summary():
+        click.echo(line)
+
+
+@cli.command()
+@click.option("--engine", required=True, metavar="ENGINE",
+              help="Engine folder from 'alexnet-deploy build'.")
+@click.option("--http-port", type=int, default=8000, show_default=True, metavar="PORT")
+@click.option("--grpc-port", type=int, default=8001, show_default=True, metavar="PORT")
+@click.option("--metrics-port", type=int, default=8002, show_default=True, metavar="PORT")
+@click.option("--name", default="alexnet", show_default=True, metavar="NAME",
+              help="Model name for tensors; NAME_image takes encoded images.")
+@_MAX_BATCH
+@_MAX_QUEUE_DELAY
+@_INSTANCES
+@_TOP_K
+@click.option("--no-batching", is_flag=True,
+              help="Serve the tensor model without the dynamic batcher (for comparisons).")
+@click.option("--threads", type=int, default=None, metavar="N", help="CPU threads of the engine.")
+def serve(engine, http_port, grpc_port, metrics_port, name, max_batch, max_queue_delay_us,
+          instances, top_k, no_batching, threads) -> None:
+    """Serve an engine on Triton Inference Server (through PyTriton) until Ctrl-C."""
+    from alexnet_deploy.serving.server import Ports
+    from alexnet_deploy.serving.server import serve as run_serve
+
+    run_serve(engine, ports=Ports(http_port, grpc_port, metrics_port), name=name,
+              max_batch=max_batch, max_queue_delay_us=max_queue_delay_us, instances=instances,
+              top_k=top_k, threads=threads, batching=not no_batching, say=click.echo)
+
+
+@cli.command()
+@click.option("--engine", required=True, metavar="ENGINE",
+              help="Engine folder to serve and to check every answer against.")
+@click.option("--data", required=True, metavar="PATH",
+              help="Images sent (an image folder or an .npz); each answer is checked against "
+                   "the engine's own for that image.")
+@click.option("--concurrency", default="1,2,4,8,16,32", show_default=True, metavar="C1,C2,...",
+              help="Requests in flight at each level.")
+@click.option("--protocols", default="http,grpc", show_default=True, metavar="P1,P2",
+              help="http, grpc or both.")
+@click.option("--batching", default="on,off", show_default=True, metavar="on,off",
+              help="Dynamic batching settings to measure side by side.")
+@click.option("--duration", type=float, default=3.0, show_default=True, metavar="S",
+              help="Timed seconds per level.")
+@click.option("--rounds", type=int, default=1, show_default=True, metavar="R",
+              help="Repeat the sweep R times; req/s is the median over rounds.")
+@click.option("--images", "num_images", type=int, default=64, show_default=True, metavar="N",
+              help="Distinct images sent (round robin).")
+@_MAX_BATCH
+@_MAX_QUEUE_DELAY
+@click.option("--threads", type=int, default=None, metavar="N", help="CPU threads of the engine.")
+@click.option("--json", "json_path", metavar="FILE", help="Write the results as JSON.")
+@click.option("--report", "report_path", metavar="FILE.md",
+              help="Write a markdown report with a PNG plot beside it.")
+def loadtest(engine, data, concurrency, protocols, batching, duration, rounds, num_images,
+             max_batch, max_queue_delay_us, threads, json_path, report_path) -> None:
+    """Concurrency sweep against 'serve' over HTTP and gRPC, every answer checked."""
+    from alexnet_deploy.serving.loadtest import run_loadtest
+
+    result = run_loadtest(engine, data, concurrency=parse_csv(concurrency, int, "--concurrency"),
+                          protocols=parse_csv(protocols, str, "--protocols"),
+                          batching=parse_csv(batching, str, "--batching"), duration=duration,
+                          rounds=rounds, num_images=num_images, max_batch=max_batch,
+                          max_queue_delay_us=max_queue_delay_us, threads=threads,
+                          json_path=json_path, report_path=report_path, say=click.echo)
+    if not result.passed:
+        click.echo("error: some requests failed or were answered wrongly (see the table)",
+                   err=True)
+        sys.exit(1)
+
+
 def main() -> None:
     cli(prog_name="alexnet-deploy")
 
