@@ -125,7 +125,7 @@ def build_engine(model_path: str | Path, precision: str, out: str | Path, *,
     from alexnet_deploy.backends import get_backend
     from alexnet_deploy.calibrate import load_calibration, model_input
     from alexnet_deploy.engine import EngineSidecar, engine_dir_atomic, host_info, write_sidecar
-    from alexnet_deploy.fileio import check_writable_dir, sha256_file
+    from alexnet_deploy.fileio import check_output, sha256_file
     from alexnet_deploy.metadata import load_onnx, read_model_info
     from alexnet_deploy.model import LAYERS
     from alexnet_deploy.quantize import weighted_layers
@@ -146,8 +146,9 @@ def build_engine(model_path: str | Path, precision: str, out: str | Path, *,
         if not calibration_data:
             raise UserError("--max-top1-drop needs --calibration-data PATH (images to measure "
                             "the drop on)")
-    out = Path(out)
-    check_writable_dir(out)
+    out = check_output(out, "--out", "engine", inputs={
+        "--model": model_path, "--calibration": calibration,
+        "--calibration-data": calibration_data})
     messages: list[str] = []
     if calibration is not None and precision != "int8":
         messages.append(f"--calibration is only used by INT8 builds; ignored for {precision}")

@@ -30,6 +30,7 @@ import colorsys
 import csv
 import functools
 import hashlib
+import signal
 import sys
 import zipfile
 from collections.abc import Iterator, Sequence
@@ -477,12 +478,19 @@ def _decode(dataset: ImageDataset, transform, indices: Sequence[int] | None, bat
         workers = 0
     loader = DataLoader(_Decoded(dataset, transform, indices), batch_size=batch_size,
                         num_workers=workers, collate_fn=_collate,
-                        persistent_workers=False, prefetch_factor=4 if workers else None)
+                        persistent_workers=False, prefetch_factor=4 if workers else None,
+                        worker_init_fn=_ignore_interrupt)
     for arrays, labels, index, bad in loader:
         for i, reason in bad:
             skipped.add(i, reason)
         if arrays is not None:
             yield arrays, labels, index
+
+
+def _ignore_interrupt(worker_id: int) -> None:
+    """Decode processes ignore Ctrl-C: the main process stops them. (Interrupted themselves,
+    they hang on their queues and the loader waits 5 s for each before killing it.)"""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def default_workers() -> int:

@@ -358,10 +358,11 @@ def _spec_diff(a: PreprocessSpec, b: PreprocessSpec) -> str:
 def run_validate(engine: str, reference: str, data: str, *, json_path: str | None = None,
                  **options: Any) -> ValidationResult:
     """What ``alexnet-deploy validate`` does: validate, then write ``--json`` if asked."""
-    from alexnet_deploy.fileio import check_writable_dir, write_json_atomic
+    from alexnet_deploy.fileio import check_output, write_json_atomic
 
-    if json_path:
-        check_writable_dir(Path(json_path))  # fail before the long part
+    if json_path:  # checked before the long part
+        check_output(json_path, "--json", "json",
+                     inputs={"--engine": engine, "--reference": reference, "--data": data})
     result = validate_engine(engine, reference, data, **options)
     if json_path:
         write_json_atomic(json_path, result.to_json())

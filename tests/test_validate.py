@@ -228,10 +228,10 @@ def test_data_with_other_classes_is_refused(engines, small_model, tmp_path):
 
 
 @pytest.mark.parametrize("option, message", [
-    (["--min-agreement", "99"], "--min-agreement is a fraction in 0..1"),
-    (["--max-top1-drop", "-1"], "--max-top1-drop must be >= 0"),
-    (["--limit", "0"], "--limit must be >= 1"),
-    (["--json", "/nonexistent/dir/v.json"], "does not exist"),
+    (["--min-agreement", "99"], "'--min-agreement': 99.0 is not in the range 0.0<=x<=1.0"),
+    (["--max-top1-drop", "-1"], "'--max-top1-drop': -1.0 is not in the range x>=0.0"),
+    (["--limit", "0"], "'--limit': 0 is not in the range x>=1"),
+    (["--json", "/dev/null/v.json"], "/dev/null"),  # a file, where a folder should be
 ])
 def test_bad_options(engines, small_model, option, message):
     expect_error(run("--engine", str(engines / "fp32"), "--reference", str(small_model["onnx"]),
