@@ -673,12 +673,14 @@ class _Progress:
 
         if iterations is None:
             self.total = round(jobs * (warmup + duration), 2)
-            self.bar = tqdm(total=self.total, unit="s", file=sys.stderr, leave=False,
+            # disable=None: a bar only on a terminal, never in a redirected log
+            self.bar = tqdm(total=self.total, unit="s", file=sys.stderr, leave=False, disable=None,
                             bar_format="{desc}{percentage:3.0f}%|{bar}| {n:.1f}/{total:.1f} s "
                                        "[{elapsed}<{remaining}]")
         else:
             self.total = jobs * iterations
-            self.bar = tqdm(total=self.total, unit="call", file=sys.stderr, leave=False)
+            self.bar = tqdm(total=self.total, unit="call", file=sys.stderr, leave=False,
+                            disable=None)
 
     def update(self, n: float) -> None:
         if self.bar is not None:

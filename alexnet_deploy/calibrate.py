@@ -36,7 +36,7 @@ from alexnet_deploy.fileio import (
     write_json_atomic,
     write_text_atomic,
 )
-from alexnet_deploy.metadata import load_onnx, read_model_info
+from alexnet_deploy.metadata import check_alexnet_graph, load_onnx, read_model_info
 from alexnet_deploy.preprocess import PreprocessSpec
 
 if TYPE_CHECKING:
@@ -477,9 +477,11 @@ def calibrate(model: str | Path, data: str | Path, out: str | Path, *,
     model = Path(model)
     proto = load_onnx(model, load_weights=False)
     try:
-        spec = read_model_info(proto).preprocess
+        info = read_model_info(proto)
     except UserError as e:
         raise UserError(f"{model}: {e}") from None
+    check_alexnet_graph(proto, info, str(model))
+    spec = info.preprocess
     model_input(proto, spec, where=str(model))
     model_sha256 = sha256_file(model)
     dataset = datasets.open_dataset(data)
@@ -513,9 +515,6 @@ def calibrate(model: str | Path, data: str | Path, out: str | Path, *,
     if stats.num_images == 0:
         raise UserError(f"no readable images in {data} ({skipped.count} unreadable): "
                         "calibration needs real images of the kind the model will see")
-    if skipped.count:
-        say(f"note: skipped {skipped.count} unreadable images; calibrated on "
-            f"{stats.num_images}")
 
     amax, all_zero = {}, []
     for name, hist in stats.histograms.items():
@@ -536,7 +535,8 @@ def calibrate(model: str | Path, data: str | Path, out: str | Path, *,
     write_text_atomic(cache_path, trt_cache_text(_scales(calibration), trt_version))
     write_json_atomic(out, calibration.to_dict())
     seconds = time.perf_counter() - t0
-    say(f"calibrated {len(amax)} tensors on {stats.num_images} images with {method} in "
+    unreadable = f" ({skipped.count} unreadable skipped)" if skipped.count else ""
+    say(f"calibrated {len(amax)} tensors on {stats.num_images} images{unreadable} with {method} in "
         f"{seconds:.1f} s (model runs and histograms {stats.seconds:.1f} s) -> {out}, "
         f"{cache_path.name} (TensorRT {trt_version})")
     return calibration

@@ -254,14 +254,25 @@ def build(model, precision, calibration, backend, max_batch, max_top1_drop, cali
 @click.option("--batch-size", type=COUNT, default=None, metavar="B",
               help="Images per batch.  [default: 32, or the engine's largest batch]")
 @click.option("--threads", type=COUNT, default=None, metavar="N", help="CPU threads.")
+@click.option("--atol", type=NON_NEGATIVE, default=None, metavar="A",
+              help="Logit tolerance, absolute: a logit fails when it is off by more than A and "
+                   "by more than R x |reference| (Polygraphy's --atol/--rtol).  [default: "
+                   "1e-3 for FP32, 5e-2 for FP16, none for INT8]")
+@click.option("--rtol", type=NON_NEGATIVE, default=None, metavar="R",
+              help="Logit tolerance, relative to |reference|.  [default: 1e-3 for FP32, 1e-2 "
+                   "for FP16, none for INT8]")
+@click.option("--allow-other-reference", is_flag=True,
+              help="Compare with a reference that is not the model the engine was built from "
+                   "(engine.json records its sha256).")
 def validate(engine, reference, data, json_path, max_top1_drop, min_agreement, limit,
-             batch_size, threads) -> None:
+             batch_size, threads, atol, rtol, allow_other_reference) -> None:
     """Compare an engine with its FP32 reference on real images; exit 1 if a threshold fails."""
     from alexnet_deploy.validate import run_validate
 
     result = run_validate(engine, reference, data, json_path=json_path,
                           max_top1_drop=max_top1_drop, min_agreement=min_agreement, limit=limit,
-                          batch_size=batch_size, threads=threads)
+                          batch_size=batch_size, threads=threads, atol=atol, rtol=rtol,
+                          allow_other_reference=allow_other_reference)
     for line in result.summary():
         click.echo(line)
     if not result.passed:

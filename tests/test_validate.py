@@ -129,9 +129,11 @@ def test_int8_engine_is_measured_as_quantized(engines, small_model):
 def test_failing_thresholds_exit_1_and_say_which(engines, tmp_path_factory):
     other = make_small_model(tmp_path_factory.mktemp("other"), seed=1)  # same spec and classes
     result = run("--engine", str(engines / "fp32"), "--reference", str(other["checkpoint"]),
-                 "--data", "synthetic:test", "--limit", "64", "--max-top1-drop", "100")
+                 "--data", "synthetic:test", "--limit", "64", "--max-top1-drop", "100",
+                 "--allow-other-reference", "--atol", "1000")
     assert result.exit_code == 1, result.output
     assert "FAIL" in result.output
+    assert "not the model the engine was built from" in result.output
     assert "top-1 agreement" in result.output and "is below --min-agreement 99.00%" in \
         result.output
     assert "top-1 dropped" not in result.output  # only the check that failed is named
