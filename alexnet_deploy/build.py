@@ -25,21 +25,21 @@ What a build does, in order:
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from alexnet_deploy.engine import BUILD_PRECISIONS
 from alexnet_deploy.errors import UserError
+from alexnet_deploy.metadata import LAYER_PRECISION, get_meta
 
 if TYPE_CHECKING:
     import onnx
 
     from alexnet_deploy.engine import EngineSidecar
 
-PRECISIONS = ("fp32", "fp16", "int8")
 # images the --max-top1-drop sensitivity search runs (it runs the model ~2 x layers + a few times)
 SENSITIVITY_IMAGES = 512
 
@@ -83,8 +83,7 @@ class BuildResult:
 def layer_precision(graph: onnx.ModelProto, float_layers: list[str]) -> dict[str, str]:
     """``conv1`` .. ``fc8`` -> precision, as the quantizer recorded it in the graph's metadata
     (``alexnet_deploy.layer_precision``); layers it does not list are FP32."""
-    props = {p.key: p.value for p in graph.metadata_props}
-    recorded = json.loads(props.get("alexnet_deploy.layer_precision", "{}"))
+    recorded = get_meta(graph, LAYER_PRECISION, {})
     return {name: recorded.get(name, "fp32") for name in float_layers}
 
 
@@ -130,8 +129,9 @@ def build_engine(model_path: str | Path, precision: str, out: str | Path, *,
     from alexnet_deploy.model import LAYERS
     from alexnet_deploy.quantize import weighted_layers
 
-    if precision not in PRECISIONS:
-        raise UserError(f"unknown precision {precision!r}: choose one of {', '.join(PRECISIONS)}")
+    if precision not in BUILD_PRECISIONS:
+        raise UserError(f"unknown precision {precision!r}: choose one of "
+                        f"{', '.join(BUILD_PRECISIONS)}")
     if max_batch < 1:
         raise UserError(f"--max-batch must be >= 1, got {max_batch}")
     if precision == "int8" and calibration is None:
@@ -237,7 +237,7 @@ def _search_logits(graph: onnx.ModelProto, images: Any, batch_size: int = 64) ->
     form (the search runs the model about twice per layer; native LRN would double its time)."""
     import numpy as np
 
-    from alexnet_deploy.backends.onnxruntime import cpu_session
+    from alexnet_deploy.onnxrt import cpu_session
     from alexnet_deploy.rewrite import lrn_for_onnxruntime
 
     session = cpu_session(lrn_for_onnxruntime(graph).SerializeToString())

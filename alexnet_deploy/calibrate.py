@@ -28,7 +28,12 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from alexnet_deploy.calibrators import HistogramCollector, NonFiniteActivation, make_calibrator
+from alexnet_deploy.calibrators import (
+    INT8_MAX,
+    HistogramCollector,
+    NonFiniteActivation,
+    make_calibrator,
+)
 from alexnet_deploy.errors import UserError
 from alexnet_deploy.fileio import (
     check_output,
@@ -36,14 +41,14 @@ from alexnet_deploy.fileio import (
     write_json_atomic,
     write_text_atomic,
 )
-from alexnet_deploy.metadata import check_alexnet_graph, load_onnx, read_model_info
+from alexnet_deploy.metadata import load_onnx, read_model_info
+from alexnet_deploy.onnxrt import cpu_session
 from alexnet_deploy.preprocess import PreprocessSpec
 
 if TYPE_CHECKING:
     import onnx
 
 FORMAT = "alexnet-deploy/calibration/1"
-INT8_MAX = 127
 
 
 @dataclass
@@ -254,25 +259,14 @@ def _session(model: onnx.ModelProto, outputs: list[str]):
     """An ONNX Runtime CPU session returning ``outputs``. Graph optimizations are off, so that
     every intermediate tensor exists under its own name."""
     import onnx
-    import onnxruntime as ort
 
     augmented = onnx.ModelProto()
     augmented.CopyFrom(model)
     present = {o.name for o in augmented.graph.output}
     augmented.graph.output.extend(onnx.ValueInfoProto(name=n) for n in outputs
                                   if n not in present)
-    options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    options.log_severity_level = 3
-    # ONNX Runtime's threads would spin between runs, taking the cores that decoding and
-    # histogramming (running beside it, see collect_activations) need: measured 20% slower
-    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    try:
-        return ort.InferenceSession(augmented.SerializeToString(), options,
-                                    providers=["CPUExecutionProvider"])
-    except Exception as e:  # onnxruntime raises its own exception types
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise UserError(f"ONNX Runtime cannot run the model ({reason}): re-export it") from e
+    # as written (no fusions), so every tensor is observed where the quantizer will place Q/DQ
+    return cpu_session(augmented, optimize=False, what="the model for calibration")
 
 
 _DONE = object()
@@ -477,11 +471,9 @@ def calibrate(model: str | Path, data: str | Path, out: str | Path, *,
     model = Path(model)
     proto = load_onnx(model, load_weights=False)
     try:
-        info = read_model_info(proto)
+        spec = read_model_info(proto).preprocess
     except UserError as e:
         raise UserError(f"{model}: {e}") from None
-    check_alexnet_graph(proto, info, str(model))
-    spec = info.preprocess
     model_input(proto, spec, where=str(model))
     model_sha256 = sha256_file(model)
     dataset = datasets.open_dataset(data)

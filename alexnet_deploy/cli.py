@@ -4,7 +4,7 @@
     alexnet-deploy export    -> MODEL.onnx
     alexnet-deploy calibrate -> calibration/NAME.json (+ .cache)
     alexnet-deploy build     -> engines/NAME/ (engine + engine.json sidecar)
-    alexnet-deploy validate / bench / demo
+    alexnet-deploy validate / bench / predict / demo
 
 Commands are thin: they parse options and call the stage module, imported lazily so that
 ``--help`` is fast and nothing GPU-only is imported until a command needs it. A
@@ -18,6 +18,8 @@ import sys
 import click
 
 from alexnet_deploy import __version__
+from alexnet_deploy.backends import BACKENDS
+from alexnet_deploy.engine import BUILD_PRECISIONS
 from alexnet_deploy.errors import UserError
 
 # Option ranges, defined once: click refuses a value outside them before any work starts.
@@ -76,7 +78,7 @@ def parse_csv(value: str, kind=str, name: str = "value") -> list:
 @click.option("--val-data", metavar="PATH",
               help="Validation images, evaluated after every epoch.  [default: the recipe's]")
 @click.option("--recipe", metavar="NAME_OR_FILE",
-              help="A recipe in train/ (paper, cifar10, imagenette, demo) or a .toml file; "
+              help="A shipped recipe (paper, cifar10, imagenette, demo) or a .toml file; "
                    "with --resume, the run's own.")
 @click.option("--devices", metavar="A,B",
               help="Devices of tower 0 and tower 1: cpu,cpu  cuda:0,cuda:1  cuda:0,cuda:0.  "
@@ -206,13 +208,14 @@ def calibrate(model, data, method, percentile, num_images, batch_size, seed, trt
 @cli.command()
 @click.option("--model", required=True, metavar="MODEL.onnx",
               help="The model written by 'alexnet-deploy export'.")
-@click.option("--precision", required=True, type=click.Choice(["fp32", "fp16", "int8"]),
+@click.option("--precision", required=True, type=click.Choice(BUILD_PRECISIONS),
               help="Engine precision (INT8 needs --calibration).")
 @click.option("--calibration", metavar="FILE",
               help="Calibration JSON from 'alexnet-deploy calibrate' on this model (INT8).")
-@click.option("--backend", default="auto", show_default=True, metavar="NAME",
-              help="auto, onnxruntime, openvino or tensorrt (auto: TensorRT on a GPU, else "
-                   "OpenVINO if installed, else ONNX Runtime).")
+@click.option("--backend", default="auto", show_default=True,
+              type=click.Choice(["auto", *BACKENDS]),
+              help="Engine backend (auto: TensorRT on a GPU, else OpenVINO if installed, else "
+                   "ONNX Runtime).")
 @click.option("--max-batch", type=COUNT, default=64, show_default=True, metavar="N",
               help="Largest batch of a TensorRT engine's profile (CPU engines take any batch).")
 @click.option("--max-top1-drop", type=NON_NEGATIVE, default=None, metavar="X",
@@ -321,6 +324,32 @@ def bench(engines, reference, batch_sizes, duration, iterations, warmup, threads
               warn=lambda msg: click.echo(f"warning: {msg}", err=True))
 
 
+# ---- predict (use an engine) ----
+
+@cli.command()
+@click.option("--engine", required=True, metavar="ENGINE",
+              help="Engine folder from 'alexnet-deploy build'.")
+@click.argument("images", nargs=-1, required=True, metavar="IMAGE_OR_FOLDER...")
+@click.option("--top-k", type=click.IntRange(min=1), default=5, show_default=True, metavar="K",
+              help="Classes printed per image.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=None, metavar="B",
+              help="Images per engine call.  [default: 32 within the engine's batch range]")
+@click.option("--json", "json_path", metavar="FILE",
+              help="Also write every image's top-k (index, label, probability) as JSON.")
+@click.option("--threads", type=click.IntRange(min=1), default=None, metavar="N",
+              help="CPU threads.")
+def predict(engine, images, top_k, batch_size, json_path, threads) -> None:
+    """Print the top-k classes of images (files or folders) with their probabilities."""
+    from alexnet_deploy.predict import run_predict, summary
+
+    result = run_predict(engine, images, top_k=top_k, batch_size=batch_size, threads=threads,
+                         json_path=json_path, echo=click.echo,
+                         warn=lambda msg: click.echo(f"warning: {msg}", err=True))
+    click.echo(summary(result), err=True)
+    if result.skipped:
+        sys.exit(1)
+
+
 # ---- demo (the whole pipeline) ----
 
 @cli.command()
@@ -331,7 +360,7 @@ def bench(engines, reference, batch_sizes, duration, iterations, warmup, threads
 @click.option("--devices", metavar="A,B",
               help="Devices of the two towers.  [default: two GPUs if present, else cpu,cpu]")
 @click.option("--backend", default="auto", show_default=True,
-              type=click.Choice(["auto", "onnxruntime", "openvino", "tensorrt"]),
+              type=click.Choice(["auto", *BACKENDS]),
               help="Engine backend (auto: TensorRT on a GPU, else OpenVINO if installed, "
                    "else ONNX Runtime).")
 @click.option("--epochs", type=COUNT, metavar="N", help="Override the demo recipe's epochs.")

@@ -30,6 +30,7 @@ import colorsys
 import csv
 import functools
 import hashlib
+import importlib.resources
 import signal
 import sys
 import zipfile
@@ -44,7 +45,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from alexnet_deploy.errors import UserError
-from alexnet_deploy.preprocess import PreprocessSpec
+from alexnet_deploy.preprocess import DECODE_ERRORS, PreprocessSpec, to_rgb
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 SYNTHETIC_PREFIX = "synthetic:"
@@ -53,8 +54,6 @@ PCA_EIGVAL = (0.2175, 0.0188, 0.0045)
 PCA_EIGVEC = ((-0.5675, 0.7192, 0.4009),
               (-0.5808, -0.0045, -0.8140),
               (-0.5836, -0.6948, 0.4203))
-# Errors PIL raises for unreadable, truncated or hostile files.
-_DECODE_ERRORS = (OSError, SyntaxError, ValueError, Image.DecompressionBombError)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -132,7 +131,8 @@ class FolderDataset(ImageDataset):
     def open_image(self, i: int) -> Image.Image:
         with Image.open(self.paths[i]) as image:
             image.load()  # decode now: truncated files fail here, not later
-            return image.convert("RGB") if image.mode != "RGB" else image.copy()
+            rgb = to_rgb(image)
+            return rgb.copy() if rgb is image else rgb
 
     def describe(self, i: int) -> str:
         return str(self.paths[i])
@@ -255,6 +255,16 @@ def class_names(data: str | Path | ImageDataset) -> list[str]:
     return list(open_dataset(data).class_names)
 
 
+@functools.lru_cache(maxsize=1)
+def imagenet1k_classes() -> list[str]:
+    """The 1,000 ImageNet-1k class names in the standard (sorted WordNet id) order, from the
+    package's ``imagenet1k_classes.tsv`` (first WordNet lemma; the two names that repeat carry
+    their WordNet id)."""
+    rows = importlib.resources.files("alexnet_deploy").joinpath(
+        "imagenet1k_classes.tsv").read_text().splitlines()[1:]
+    return [row.split("\t")[1] for row in rows]
+
+
 def dataset_fingerprint(data: str | Path | ImageDataset) -> str:
     """sha256 hex of a data set: image bytes and labels for arrays; relative paths, labels and
     file sizes for folders (cheap on large folders)."""
@@ -264,14 +274,14 @@ def dataset_fingerprint(data: str | Path | ImageDataset) -> str:
 def label_map(classes: Sequence[str], dataset: ImageDataset, model: str = "the model"
               ) -> np.ndarray:
     """``map[data label] -> index in classes``: the data's classes matched to a model's by
-    readable name, else by id (folder name), else, for a 1000-class model, by the ImageNet-1k
-    index of ``classes.tsv``. UserError when the data has a class the model does not know."""
+    ImageNet-1k index of ``classes.tsv`` for a 1000-class model, else by readable name, else by id
+    (folder name). UserError when the data has a class the model does not know."""
+    if dataset.imagenet1k_index is not None and len(classes) == 1000:
+        return np.asarray(dataset.imagenet1k_index, np.int64)  # exact even where names repeat
     index = {name: i for i, name in enumerate(classes)}
     for keys in (dataset.class_names, dataset.class_ids):
         if all(k in index for k in keys):
             return np.asarray([index[k] for k in keys], np.int64)
-    if dataset.imagenet1k_index is not None and len(classes) == 1000:
-        return np.asarray(dataset.imagenet1k_index, np.int64)
     unknown = next(k for k in dataset.class_names if k not in index)
     raise UserError(f"data {dataset.source} has class {unknown!r} ({dataset.num_classes} classes),"
                     f" which {model} does not know (its {len(classes)} classes: "
@@ -456,7 +466,7 @@ class _Decoded(Dataset):
         i = int(self.indices[k])
         try:
             return self.transform(self.dataset.open_image(i)), int(self.dataset.labels[i]), i, ""
-        except _DECODE_ERRORS as e:
+        except DECODE_ERRORS as e:
             return None, int(self.dataset.labels[i]), i, f"{type(e).__name__}: {e}"
 
 

@@ -21,9 +21,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from alexnet_deploy.engine import BUILD_PRECISIONS
 from alexnet_deploy.errors import UserError
-
-PRECISIONS = ("fp32", "fp16", "int8")
 
 
 @dataclass
@@ -129,9 +128,10 @@ def run_demo(cfg: DemoConfig, say: Callable[[str], None] = print) -> DemoResult:
 
     root = Path(cfg.root)
     run_dir = root / "train" / cfg.name
-    for folder in (root / "train", root / "calibration", root / "engines", cfg.report_dir):
-        folder.mkdir(parents=True, exist_ok=True)
-    check_writable_dir(cfg.report_dir / "report.md")
+    # checked now, created only when a stage writes there
+    for path in (run_dir / "last.pt", root / "calibration" / "x.json",
+                 root / "engines" / "x", cfg.report_dir / "report.md"):
+        check_writable_dir(path)
     steps = 7
 
     say(f"[1/{steps}] train  {cfg.recipe} recipe on {cfg.data}, towers on "
@@ -154,8 +154,8 @@ def run_demo(cfg: DemoConfig, say: Callable[[str], None] = print) -> DemoResult:
               num_images=cfg.calibration_images, say=lambda m: say(f"  {m}"))
 
     engines: dict[str, Path] = {}
-    say(f"[4/{steps}] build  {', '.join(PRECISIONS)} with backend {cfg.backend}")
-    for precision in PRECISIONS:
+    say(f"[4/{steps}] build  {', '.join(BUILD_PRECISIONS)} with backend {cfg.backend}")
+    for precision in BUILD_PRECISIONS:
         out = root / "engines" / f"{cfg.name}-{precision}"
         built = build_engine(model, precision, out, backend=cfg.backend,
                              calibration=calibration if precision == "int8" else None,
@@ -279,7 +279,7 @@ def check_config(cfg: DemoConfig) -> None:
                  say=None)
     check_output(root / "calibration" / f"{cfg.name}-entropy.json", "the demo's calibration",
                  "calibration", inputs=inputs, say=None)
-    for precision in PRECISIONS:
+    for precision in BUILD_PRECISIONS:
         check_output(root / "engines" / f"{cfg.name}-{precision}", "the demo's engine",
                      "engine", inputs=inputs, say=None)
     report = cfg.report_dir / "report.md"

@@ -48,22 +48,34 @@ import platform
 import shutil
 import socket
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+from PIL import Image
 
 from alexnet_deploy import __version__
 from alexnet_deploy.errors import UserError
-from alexnet_deploy.fileio import check_writable_dir, sha256_file, write_json_atomic
-from alexnet_deploy.preprocess import PreprocessSpec
+from alexnet_deploy.fileio import (
+    check_writable_dir,
+    make_parent,
+    remove_stale_temporaries,
+    sha256_file,
+    temporary_prefix,
+    umask,
+    write_json_atomic,
+)
+from alexnet_deploy.preprocess import ImageLike, PreprocessSpec, open_image
 
 FORMAT = "alexnet-deploy/engine/1"
 SIDECAR_NAME = "engine.json"
-PRECISIONS = ("fp32", "fp16", "int8", "mixed")
-LAYER_PRECISIONS = ("fp32", "fp16", "int8")
+#: what ``build --precision`` makes, and what one layer of an engine runs in
+BUILD_PRECISIONS = LAYER_PRECISIONS = ("fp32", "fp16", "int8")
+#: an engine's overall precision: ``mixed`` is INT8 with some layers kept in higher precision
+PRECISIONS = (*BUILD_PRECISIONS, "mixed")
 
 
 @dataclass
@@ -266,18 +278,20 @@ def engine_dir_atomic(dest: Path | str) -> Iterator[Path]:
     """
     dest = Path(dest)
     check_writable_dir(dest)
+    remove_stale_temporaries(dest)  # first: it may put back an engine a killed build moved aside
     if dest.exists() and not (dest.is_dir() and (not any(dest.iterdir())
                                                  or sidecar_path(dest).is_file())):
         raise UserError(f"{dest} exists and is not an engine folder: choose another --out or "
                         "remove it")
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent))
+    make_parent(dest)
+    tmp = Path(tempfile.mkdtemp(prefix=temporary_prefix(dest), suffix=".tmp", dir=dest.parent))
     old: Path | None = None
     try:
         yield tmp
-        os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes it 0700
+        os.chmod(tmp, 0o777 & ~umask())  # mkdtemp makes it 0700
         if dest.exists():
             # rename(2) cannot replace a non-empty folder: move the old engine aside first
-            old = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", suffix=".old",
+            old = Path(tempfile.mkdtemp(prefix=temporary_prefix(dest), suffix=".old",
                                         dir=dest.parent))
             os.replace(dest, old / dest.name)
         os.replace(tmp, dest)
@@ -291,15 +305,56 @@ def engine_dir_atomic(dest: Path | str) -> Iterator[Path]:
             shutil.rmtree(old, ignore_errors=True)
 
 
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
+@dataclass(frozen=True)
+class Prediction:
+    """The top-k classes of one image, best first.
+
+    Args:
+        source: the image's file path, or ``<array 3>``-style label for in-memory images.
+        indices: class indices (logit positions).
+        labels: class names, as recorded in the engine's sidecar.
+        probabilities: softmax probabilities (computed in float64 over all the logits).
+    """
+
+    source: str
+    indices: list[int]
+    labels: list[str]
+    probabilities: list[float]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"image": self.source,
+                "top_k": [{"index": i, "label": label, "probability": p}
+                          for i, label, p in zip(self.indices, self.labels, self.probabilities)]}
+
+
+def top_k_predictions(logits: np.ndarray, classes: Sequence[str], k: int,
+                      sources: Sequence[str]) -> list[Prediction]:
+    """One :class:`Prediction` per row of ``logits`` ``[N, num_classes]``: the ``k`` most
+    probable classes (ties keep the lower index first)."""
+    z = np.asarray(logits, dtype=np.float64)
+    z = np.exp(z - z.max(axis=1, keepdims=True))
+    probs = z / z.sum(axis=1, keepdims=True)
+    order = np.argsort(-probs, axis=1, kind="stable")[:, :k]
+    return [Prediction(source=src, indices=[int(i) for i in row],
+                       labels=[classes[int(i)] for i in row],
+                       probabilities=[float(p[int(i)]) for i in row])
+            for src, row, p in zip(sources, order, probs)]
+
+
+def _source_label(image: Any, position: int) -> str:
+    if isinstance(image, (str, Path)):
+        return str(image)
+    filename = getattr(image, "filename", "")  # PIL images opened from a file keep its name
+    return filename or f"<{type(image).__name__} {position}>"
 
 
 @dataclass
 class Engine:
-    """A loaded engine: its sidecar and a runner. ``infer`` checks shapes, then runs a batch."""
+    """A loaded engine: its sidecar and a runner.
+
+    :meth:`infer`, :meth:`preprocess` and :meth:`classify` are safe to call from several threads
+    at once (each backend's runner is; see :class:`alexnet_deploy.backends.Runner`).
+    """
 
     path: Path
     sidecar: EngineSidecar
@@ -313,6 +368,101 @@ class Engine:
                             f"{self.path} (N, {', '.join(map(str, self.sidecar.input_shape))})")
         self.runner.input_metadata().check_batch(batch.shape[0])
         return self.runner.infer(batch)
+
+    def preprocess(self, images: Sequence[ImageLike]) -> np.ndarray:
+        """Float32 ``[N, C, H, W]`` inputs for ``images`` (paths, encoded bytes, PIL images or
+        uint8 HWC RGB arrays), through the engine's stored preprocessing spec.
+
+        Raises:
+            UserError: naming the first image that cannot be read.
+        """
+        spec = self.sidecar.preprocess
+        return np.stack([spec.load(open_image(image, name=_source_label(image, i)))
+                         for i, image in enumerate(images)])
+
+    def classify(self, images: ImageLike | Sequence[ImageLike], top_k: int = 5,
+                 batch_size: int | None = None) -> list[Prediction]:
+        """The ``top_k`` classes of each image, in input order.
+
+        Args:
+            images: one image or a sequence of them: file paths, encoded bytes, PIL images or
+                uint8 ``HxWx3`` RGB arrays.
+            top_k: classes per image, 1 to the number of classes. Defaults to 5.
+            batch_size: images per engine call, within the engine's batch range. Defaults to
+                32 (clamped to the range).
+
+        Raises:
+            UserError: an image cannot be read (named), or ``top_k``/``batch_size`` is out of
+                range.
+        """
+        return list(self.iter_classify(images, top_k, batch_size))
+
+    def iter_classify(self, images: ImageLike | Sequence[ImageLike], top_k: int = 5,
+                      batch_size: int | None = None, *,
+                      on_unreadable: Callable[[str, str], None] | None = None
+                      ) -> Iterator[Prediction]:
+        """:meth:`classify`, yielding predictions as batches finish. The next batch is decoded
+        in a background thread while the current one runs on the engine.
+
+        Args:
+            on_unreadable: called with ``(source, message)`` for an image that cannot be read,
+                which is then skipped. Defaults to None: raise UserError instead.
+        """
+        if isinstance(images, (str, Path, bytes, bytearray, memoryview, Image.Image)) or (
+                isinstance(images, np.ndarray) and images.ndim in (2, 3)):
+            images = [images]
+        images = list(images)
+        if not 1 <= top_k <= self.sidecar.num_classes:
+            raise UserError(f"top_k {top_k} is out of range: choose 1 to "
+                            f"{self.sidecar.num_classes} (the engine's classes)")
+        size = self.resolve_batch_size(batch_size)
+        chunks = [range(start, min(start + size, len(images)))
+                  for start in range(0, len(images), size)]
+
+        def decode(chunk: range) -> tuple[np.ndarray | None, list[str]]:
+            arrays, sources = [], []
+            for i in chunk:
+                source = _source_label(images[i], i)
+                try:
+                    arrays.append(self.sidecar.preprocess.load(open_image(images[i], source)))
+                except UserError as e:
+                    if on_unreadable is None:
+                        raise
+                    on_unreadable(source, str(e))
+                    continue
+                sources.append(source)
+            return (np.stack(arrays) if arrays else None), sources
+
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="classify-decode") as pool:
+            pending = pool.submit(decode, chunks[0]) if chunks else None
+            for k in range(len(chunks)):
+                batch, sources = pending.result()
+                if k + 1 < len(chunks):
+                    pending = pool.submit(decode, chunks[k + 1])
+                if batch is None:
+                    continue
+                yield from top_k_predictions(self._infer_padded(batch), self.sidecar.classes,
+                                             top_k, sources)
+
+    def resolve_batch_size(self, requested: int | None) -> int:
+        """``requested`` checked against the engine's batch range, or None -> 32 clamped to
+        it."""
+        lo, hi = self.sidecar.min_batch, self.sidecar.max_batch
+        if requested is None:
+            return max(lo, min(32, hi or 32))
+        if requested < 1 or requested < lo or (hi is not None and requested > hi):
+            raise UserError(f"batch size {requested} is outside this engine's range ({lo}.."
+                            f"{hi or 'any'})")
+        return requested
+
+    def _infer_padded(self, batch: np.ndarray) -> np.ndarray:
+        """Logits for ``batch``, padded with copies of its last image up to the engine's
+        smallest batch (a TensorRT profile may start above 1)."""
+        n = len(batch)
+        if n < self.sidecar.min_batch:
+            pad = np.repeat(batch[-1:], self.sidecar.min_batch - n, axis=0)
+            return self.infer(np.concatenate([batch, pad]))[:n]
+        return self.infer(batch)
 
     def close(self) -> None:
         self.runner.close()

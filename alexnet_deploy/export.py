@@ -65,7 +65,8 @@ import numpy as np
 import torch
 
 from alexnet_deploy import __version__
-from alexnet_deploy.errors import UserError
+from alexnet_deploy.data import imagenet1k_classes
+from alexnet_deploy.errors import UserError, first_line
 from alexnet_deploy.fileio import atomic_path, check_output, check_writable_dir, sha256_file
 from alexnet_deploy.metadata import INPUT_NAME, OUTPUT_NAME, ModelInfo, write_model_info
 from alexnet_deploy.model import (
@@ -80,13 +81,15 @@ from alexnet_deploy.model import (
     count_parameters,
     torchvision_to_grouped,
 )
+from alexnet_deploy.onnxrt import cpu_session
 from alexnet_deploy.preprocess import PreprocessSpec
+from alexnet_deploy.quantize import MIN_QDQ_OPSET
 
 if TYPE_CHECKING:
     import onnx
 
 DEFAULT_OPSET = 17
-MIN_OPSET = 13  # QuantizeLinear/DequantizeLinear with per-channel axis (LRN itself is opset 1)
+MIN_OPSET = MIN_QDQ_OPSET  # INT8 needs per-channel Q/DQ (LRN itself is opset 1)
 MAX_OPSET = 21  # the newest opset this project's exporters and backends are tested at
 BATCH_DIM = "N"
 # Parity thresholds (issue 3): max |logit difference| and top-1 must agree on every image.
@@ -150,8 +153,9 @@ def source_from_torchvision(path: Path | str) -> ExportSource:
     except UserError as e:
         raise UserError(f"{path}: {e}") from e
     n = model.cfg.num_classes
+    classes = imagenet1k_classes() if n == 1000 else [str(i) for i in range(n)]
     return ExportSource(model=model.eval(), preprocess=TORCHVISION_PREPROCESS,
-                        classes=[str(i) for i in range(n)], sha256=sha256_file(path), path=path)
+                        classes=classes, sha256=sha256_file(path), path=path)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -300,7 +304,7 @@ def infer_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
     try:
         return onnx.shape_inference.infer_shapes(model, check_type=True, strict_mode=True)
     except onnx.shape_inference.InferenceError as e:
-        raise UserError(f"ONNX shape inference failed on the exported graph: {_first_line(e)}") \
+        raise UserError(f"ONNX shape inference failed on the exported graph: {first_line(e)}") \
             from e
 
 
@@ -340,18 +344,7 @@ class ParityReport:
 
 def ort_session(model: onnx.ModelProto | str | Path, threads: int | None = None):
     """An ONNX Runtime CPU session (all graph optimizations on) for a model or a path."""
-    import onnxruntime as ort
-
-    opts = ort.SessionOptions()
-    if threads:
-        opts.intra_op_num_threads = threads
-    opts.log_severity_level = 3
-    src = model if isinstance(model, (str, Path)) else model.SerializeToString()
-    try:
-        return ort.InferenceSession(str(src) if isinstance(src, Path) else src, opts,
-                                    providers=["CPUExecutionProvider"])
-    except Exception as e:  # onnxruntime raises its own exception types
-        raise UserError(f"ONNX Runtime cannot load the exported model: {_first_line(e)}") from e
+    return cpu_session(model, threads, what="the exported model")
 
 
 def check_parity(onnx_model: onnx.ModelProto | str | Path, reference: torch.nn.Module,
@@ -449,7 +442,7 @@ def _check_file(path: Path) -> None:
     try:
         onnx.checker.check_model(str(path), full_check=True)
     except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as e:
-        raise UserError(f"onnx.checker rejected the exported graph: {_first_line(e)}") from e
+        raise UserError(f"onnx.checker rejected the exported graph: {first_line(e)}") from e
 
 
 def export(source: ExportSource, out: Path | str, *, opset: int = DEFAULT_OPSET,
@@ -515,8 +508,3 @@ def run_export(out: Path | str, *, checkpoint: Path | str | None = None,
     data = parity_data or DEFAULT_PARITY_DATA
     images = load_parity_images(data, source.preprocess, parity_images)
     return export(source, out, opset=opset, parity_images=images, parity_source=str(data))
-
-
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip().splitlines()
-    return text[0][:200] if text else type(e).__name__

@@ -18,12 +18,26 @@ from alexnet_deploy.errors import UserError
 
 
 def check_writable_dir(path: Path) -> None:
-    """Raise UserError unless ``path``'s parent folder exists and is writable."""
+    """Raise UserError unless ``path`` can be written: its parent folder is writable, or the
+    nearest folder above it that exists is (missing folders are created only when something is
+    written, by :func:`atomic_path` and :func:`make_parent`)."""
     parent = Path(path).resolve().parent
-    if not parent.is_dir():
-        raise UserError(f"output folder {parent} does not exist: create it or choose another --out")
-    if not os.access(parent, os.W_OK):
-        raise UserError(f"output folder {parent} is not writable: choose another --out")
+    existing = parent
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        raise UserError(f"cannot write {path}: {existing} is a file, not a folder; choose "
+                        "another output path")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise UserError(f"output folder {existing} is not writable: choose another output path")
+
+
+def make_parent(path: Path | str) -> Path:
+    """Create ``path``'s parent folders (the moment something is written there); return it."""
+    path = Path(path)
+    check_writable_dir(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return path
 
 
 @contextlib.contextmanager
@@ -33,8 +47,7 @@ def atomic_path(dest: Path | str) -> Iterator[Path]:
     An exception or interrupt inside the block removes the temporary file, so ``dest`` is either
     the old file or the complete new one, never half-written.
     """
-    dest = Path(dest)
-    check_writable_dir(dest)
+    dest = make_parent(dest)
     fd, tmp = tempfile.mkstemp(prefix=temporary_prefix(dest), suffix=".tmp", dir=dest.parent)
     os.close(fd)
     remove_stale_temporaries(dest)
@@ -42,7 +55,7 @@ def atomic_path(dest: Path | str) -> Iterator[Path]:
     try:
         yield tmp_path
         if tmp_path.is_file():  # mkstemp makes 0600 files; give the usual umask-based mode
-            os.chmod(tmp_path, 0o666 & ~_umask())
+            os.chmod(tmp_path, 0o666 & ~umask())
         os.replace(tmp_path, dest)
     finally:
         tmp_path.unlink(missing_ok=True)
@@ -56,7 +69,9 @@ def temporary_prefix(dest: Path) -> str:
 
 def remove_stale_temporaries(dest: Path | str) -> None:
     """Remove the temporaries (``.NAME.PID-xxxx.tmp`` / ``.old``) that writes to ``dest`` left
-    behind when their process was killed: those whose process no longer exists on this host."""
+    behind when their process was killed: those whose process no longer exists on this host.
+    An ``.old`` folder holding the previous ``dest`` (killed mid-replacement, ``dest`` gone) is
+    put back instead."""
     dest = Path(dest)
     prefix = f".{dest.name}."
     for leftover in dest.parent.glob(f"{glob.escape(prefix)}*"):
@@ -66,6 +81,8 @@ def remove_stale_temporaries(dest: Path | str) -> None:
         pid = int(pid_text)
         if pid == os.getpid() or _alive(pid):
             continue
+        if leftover.suffix == ".old" and (leftover / dest.name).exists() and not dest.exists():
+            os.replace(leftover / dest.name, dest)
         if leftover.is_dir():
             shutil.rmtree(leftover, ignore_errors=True)
         else:
@@ -82,7 +99,8 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def _umask() -> int:
+def umask() -> int:
+    """The process's file-creation mask (read without changing it)."""
     mask = os.umask(0)
     os.umask(mask)
     return mask
@@ -103,10 +121,6 @@ def sha256_file(path: Path | str, chunk: int = 1 << 20) -> str:
         while block := f.read(chunk):
             digest.update(block)
     return digest.hexdigest()
-
-
-def sha256_bytes(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
 
 
 # ---- the output-path guard every command runs before its work ----

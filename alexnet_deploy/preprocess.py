@@ -4,6 +4,9 @@ Training, export, calibration, validation and benchmarking all read it from here
 the model: inside every checkpoint (``"preprocess"``), in the ONNX model's ``metadata_props``
 (key ``alexnet_deploy.preprocess``) and in every engine sidecar.
 
+Images are opened and converted to 8-bit RGB in one place, :func:`open_image` / :func:`to_rgb`
+(files, encoded bytes, PIL images, uint8 arrays; 16-bit images are scaled to 8 bits, not clipped).
+
 Evaluation transform (``PreprocessSpec.load``): decode, convert to RGB, resize the shorter side to
 ``resize`` (bilinear), center-crop ``crop`` x ``crop``, scale to 0..1, subtract ``mean`` and divide
 by ``std`` per channel, lay out as ``CHW`` float32. Training augmentation (random crops, flips,
@@ -12,6 +15,7 @@ PCA lighting) lives in :mod:`alexnet_deploy.data` and starts from the same resiz
 
 from __future__ import annotations
 
+import io
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -19,10 +23,80 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from alexnet_deploy.errors import UserError
+from alexnet_deploy.errors import UserError, first_line
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+
+#: What :func:`open_image` accepts: a file path, the bytes of an encoded image (JPEG, PNG, ...),
+#: a PIL image, or a uint8 ``HxWx3`` RGB (or ``HxW`` grayscale) array.
+ImageLike = str | Path | bytes | bytearray | memoryview | Image.Image | np.ndarray
+#: Errors PIL raises for unreadable, truncated or hostile files (and :class:`UnsupportedImage`).
+DECODE_ERRORS = (OSError, SyntaxError, ValueError, Image.DecompressionBombError)
+_SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
+
+
+class UnsupportedImage(ValueError):
+    """An image that decodes but cannot be turned into 8-bit RGB faithfully."""
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """``image`` as 8-bit RGB, converted faithfully or refused with :class:`UnsupportedImage`.
+
+    PIL's own ``convert("RGB")`` clips 16-bit grayscale (mode ``I;16``/``I``, e.g. 16-bit PNGs)
+    to 255, turning most of the image white: those are scaled to 8 bits here (``v / 257``,
+    rounded). 32-bit float images (mode ``F``) have no agreed range and are refused. Palette
+    images with transparency go through RGBA; alpha is dropped, as torchvision does.
+    """
+    if image.mode == "RGB":
+        return image
+    if image.mode in _SIXTEEN_BIT_MODES:
+        values = np.asarray(image, dtype=np.int64)
+        if values.size and (values.min() < 0 or values.max() > 65535):
+            raise UnsupportedImage(f"{image.mode} pixel values span {values.min()}..{values.max()}"
+                                   ", not 0..65535; convert the image to 8-bit RGB first")
+        image = Image.fromarray(((values + 128) // 257).astype(np.uint8), mode="L")
+    elif image.mode == "F":
+        raise UnsupportedImage("32-bit floating-point image (mode F) has no fixed range; "
+                               "convert it to 8-bit RGB first")
+    elif image.mode == "P" and "transparency" in image.info:
+        image = image.convert("RGBA")
+    return image.convert("RGB")
+
+
+def open_image(image: ImageLike, name: str | None = None) -> Image.Image:
+    """Decode ``image`` (see :data:`ImageLike`) into an 8-bit RGB PIL image.
+
+    Raises:
+        UserError: one line naming the file (or ``name``) and what is wrong with it.
+    """
+    label = name or (str(image) if isinstance(image, (str, Path)) else type(image).__name__)
+    if isinstance(image, np.ndarray):
+        if image.dtype != np.uint8 or not (image.ndim == 2 or (image.ndim == 3
+                                                               and image.shape[2] == 3)):
+            raise UserError(f"{label}: an image array must be uint8 HxWx3 (RGB) or HxW, got "
+                            f"{image.dtype} {list(image.shape)}")
+        return Image.fromarray(np.ascontiguousarray(image)).convert("RGB")
+    try:
+        if isinstance(image, Image.Image):
+            image.load()
+            return to_rgb(image)
+        if isinstance(image, (bytes, bytearray, memoryview)):
+            source = io.BytesIO(bytes(image))
+        elif isinstance(image, (str, Path)):
+            if not Path(image).is_file():
+                raise UserError(f"image {image} does not exist or is not a file")
+            source = image
+        else:
+            raise UserError(f"{label}: not an image (pass a file path, encoded bytes, a PIL "
+                            "image or a uint8 HxWx3 array)")
+        with Image.open(source) as opened:
+            opened.load()  # decode now: a truncated file fails here, not later
+            rgb = to_rgb(opened)
+            return rgb.copy() if rgb is opened else rgb
+    except DECODE_ERRORS as e:
+        raise UserError(f"{label} is not a readable image ({first_line(e)}): pass a JPEG, PNG, "
+                        "BMP or WebP file") from e
 
 
 @dataclass(frozen=True)
@@ -101,8 +175,8 @@ class PreprocessSpec:
     # ---- the evaluation transform, on PIL images and uint8 arrays ----
 
     def resize_image(self, image: Image.Image) -> Image.Image:
-        """Convert to RGB and resize the shorter side to ``resize``."""
-        image = image.convert("RGB")
+        """Convert to RGB (:func:`to_rgb`) and resize the shorter side to ``resize``."""
+        image = to_rgb(image)
         w, h = image.size
         scale = self.resize / min(w, h)
         size = (max(self.resize, round(w * scale)), max(self.resize, round(h * scale)))
@@ -125,8 +199,8 @@ class PreprocessSpec:
         return self.normalize(np.asarray(image, dtype=np.uint8))
 
     def load_path(self, path: Path | str) -> np.ndarray:
-        with Image.open(path) as image:
-            return self.load(image)
+        """One image file -> one ``CHW`` float32 model input; UserError naming a bad file."""
+        return self.load(open_image(path))
 
 
 _FILTERS = {

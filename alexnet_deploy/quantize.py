@@ -74,7 +74,6 @@ FP32 until the measured drop fits the budget. ``keep_fp32`` in :func:`to_int8` i
 
 from __future__ import annotations
 
-import json
 import time
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -83,7 +82,11 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
+from alexnet_deploy import metadata as meta
+from alexnet_deploy.calibrators import INT8_MAX
 from alexnet_deploy.errors import UserError
+from alexnet_deploy.metadata import set_meta
+from alexnet_deploy.onnxrt import ort_logits
 
 if TYPE_CHECKING:
     import onnx
@@ -108,11 +111,9 @@ _NONNEG_ALL_INPUTS = ("Mul", "Div", "Add", "Concat", "Max", "Min", "Sum", "Conv"
                       "MatMul", "Pow")
 FP32_ISLAND_OPS = ("LRN", "Softmax", "LogSoftmax")
 MIN_QDQ_OPSET = 13  # per-channel DequantizeLinear (the axis attribute)
-INT8_MAX = 127
 UINT8_MAX = 255
 _MAX_LRN_REGION = 32  # nodes; a larger "region" is not an LRN block
 _LRN_GEMM_MAX_CHANNELS = 64  # channels-last LRN: banded Gemm window up to this tower width
-META_PREFIX = "alexnet_deploy."
 
 
 # ---------------------------------------------------------------------------------------------
@@ -174,16 +175,6 @@ def _toposort(graph: onnx.GraphProto) -> None:
         pending = rest
     del graph.node[:]
     graph.node.extend(ordered)
-
-
-def _set_meta(model: onnx.ModelProto, key: str, value: Any) -> None:
-    full, text = META_PREFIX + key, json.dumps(value)
-    for entry in model.metadata_props:
-        if entry.key == full:
-            entry.value = text
-            return
-    entry = model.metadata_props.add()
-    entry.key, entry.value = full, text
 
 
 def _copy(model: onnx.ModelProto) -> onnx.ModelProto:
@@ -427,7 +418,7 @@ class TensorQuant:
 
 @dataclass
 class Int8Plan:
-    """Where :func:`to_int8` puts Q/DQ pairs (see :func:`int8_plan`)."""
+    """Where :func:`to_int8` puts Q/DQ pairs."""
 
     target: str
     quantized_layers: list[str]
@@ -440,11 +431,6 @@ class Int8Plan:
         order = self.quantized_layers + self.fp32_layers
         return {name: ("int8" if name in self.quantized_layers else "fp32") for name in order}
 
-    def describe(self) -> list[dict]:
-        """One row per quantized activation tensor (reports, sidecars)."""
-        return [{"tensor": q.tensor, "dtype": q.dtype, "scale": q.scale,
-                 "read_by": sorted(q.readers), "why": q.reason}
-                for q in self.activations.values()]
 
 
 class _EveryAmax(dict):
@@ -559,12 +545,6 @@ def _plan_int8(model: onnx.ModelProto, amax: Mapping[str, float], target: str,
                     [layer.name for layer in layers if layer.name in keep], plan, calibrated)
 
 
-def int8_plan(model: onnx.ModelProto, calibration: Any, target: Target = "tensorrt",
-              keep_fp32: Iterable[str] = ()) -> Int8Plan:
-    """The Q/DQ placement :func:`to_int8` applies, without rewriting anything (for reports)."""
-    return _plan_int8(model, _amax_table(calibration), target, keep_fp32)
-
-
 def to_int8(model: onnx.ModelProto, calibration: Any, target: Target = "tensorrt",
             keep_fp32: Iterable[str] = ()) -> onnx.ModelProto:
     """An INT8 copy of ``model``: Q/DQ pairs placed for ``target``, weights stored as int8.
@@ -592,7 +572,7 @@ def to_int8(model: onnx.ModelProto, calibration: Any, target: Target = "tensorrt
 
     if opset_version(model) < MIN_QDQ_OPSET:
         raise UserError(f"INT8 needs opset >= {MIN_QDQ_OPSET} (per-channel DequantizeLinear); "
-                        f"the model has opset {opset_version(model)}: re-export with --opset 13 "
+                        f"the model has opset {opset_version(model)}: re-export with --opset {MIN_QDQ_OPSET} "
                         "or newer")
     plan = _plan_int8(model, _amax_table(calibration), target, keep_fp32)
     out = _copy(model)
@@ -656,9 +636,9 @@ def to_int8(model: onnx.ModelProto, calibration: Any, target: Target = "tensorrt
     graph.node.extend(new_nodes)
     _toposort(graph)
     del graph.value_info[:]  # stale element types; shape inference recomputes them
-    _set_meta(out, "precision", "int8")
-    _set_meta(out, "int8_target", target)
-    _set_meta(out, "layer_precision", plan.layer_precision())
+    set_meta(out, meta.PRECISION, "int8")
+    set_meta(out, meta.INT8_TARGET, target)
+    set_meta(out, meta.LAYER_PRECISION, plan.layer_precision())
     return out
 
 
@@ -803,7 +783,7 @@ def lrn_channels_last(model: onnx.ModelProto) -> onnx.ModelProto:
     del graph.initializer[:]
     graph.initializer.extend(kept)
     del graph.value_info[:]
-    _set_meta(out, "lrn_form", "channels_last")
+    set_meta(out, meta.LRN_FORM, "channels_last")
     return out
 
 
@@ -982,8 +962,8 @@ def to_fp16(model: onnx.ModelProto, keep_fp32_ops: Sequence[str] = FP32_ISLAND_O
     graph.node.extend(casts)
     _toposort(graph)
     del graph.value_info[:]
-    _set_meta(out, "precision", "fp16")
-    _set_meta(out, "layer_precision", {layer.name: "fp16" for layer in weighted_layers(model)})
+    set_meta(out, meta.PRECISION, "fp16")
+    set_meta(out, meta.LAYER_PRECISION, {layer.name: "fp16" for layer in weighted_layers(model)})
     return out
 
 
@@ -1043,22 +1023,6 @@ def top1_drop(reference_logits: np.ndarray, logits: np.ndarray,
         return 100.0 * float(np.mean(ref != got))
     labels = np.asarray(labels)
     return 100.0 * float(np.mean(ref == labels) - np.mean(got == labels))
-
-
-def ort_logits(model: onnx.ModelProto, images: np.ndarray, batch_size: int = 32,
-               threads: int | None = None) -> np.ndarray:
-    """Run ``model`` on ONNX Runtime's CPU provider over ``images`` (NCHW float32)."""
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    if threads:
-        options.intra_op_num_threads = threads
-    session = ort.InferenceSession(model.SerializeToString(), options,
-                                   providers=["CPUExecutionProvider"])
-    name = session.get_inputs()[0].name
-    return np.concatenate([session.run(None, {name: images[i:i + batch_size]})[0]
-                           for i in range(0, len(images), batch_size)])
 
 
 Runner = Callable[["onnx.ModelProto", np.ndarray], np.ndarray]

@@ -43,16 +43,16 @@ A graph rewritten first is still recognised by :func:`alexnet_deploy.quantize.lr
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import numpy as np
 
+from alexnet_deploy.metadata import REWRITES, get_meta, set_meta
+
 if TYPE_CHECKING:
     import onnx
 
-REWRITES_KEY = "alexnet_deploy.rewrites"  # metadata_props: JSON list of rewrites applied
 
 
 @dataclass(frozen=True)
@@ -240,18 +240,10 @@ def _inferred_value_info(model) -> list:
 
 
 def record_rewrite(model, name: str) -> None:
-    props = {p.key: p for p in model.metadata_props}
-    if REWRITES_KEY in props:
-        done = json.loads(props[REWRITES_KEY].value)
-        props[REWRITES_KEY].value = json.dumps([*done, name])
-    else:
-        entry = model.metadata_props.add()
-        entry.key, entry.value = REWRITES_KEY, json.dumps([name])
+    """Append ``name`` to the model's list of applied rewrites (metadata ``rewrites``)."""
+    set_meta(model, REWRITES, [*applied_rewrites(model), name])
 
 
 def applied_rewrites(model: onnx.ModelProto) -> list[str]:
     """Names of the rewrites applied to ``model``, in order (empty for the canonical export)."""
-    for p in model.metadata_props:
-        if p.key == REWRITES_KEY:
-            return list(json.loads(p.value))
-    return []
+    return list(get_meta(model, REWRITES, []))

@@ -16,8 +16,10 @@ Examples::
     alexnet-deploy evaluate --checkpoint train/cifar10/best.pt \\
         --data ../shared/data/cifar10_test_2k.npz --json top1.json
 
-A recipe is a TOML file of :class:`Recipe` fields in the top-level ``train/`` folder (``paper``,
-``cifar10``, ``imagenette``, ``demo``) or anywhere else; command-line options override it.
+A recipe is a TOML file of :class:`Recipe` fields: one shipped inside the package
+(``alexnet_deploy/recipes/``: ``paper``, ``cifar10``, ``imagenette``, ``demo``, read with
+:mod:`importlib.resources`, so they work from an installed wheel) or one kept anywhere else;
+command-line options override it.
 
 Every epoch appends one JSON line to ``OUT/metrics.jsonl`` and writes ``OUT/last.pt`` (everything
 ``--resume`` needs) and, when the monitored accuracy improved, ``OUT/best.pt``; both atomically.
@@ -34,6 +36,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import importlib.resources
 import json
 import os
 import random
@@ -61,7 +64,7 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover
     import tomli as tomllib
 
-RECIPE_DIR = Path(__file__).resolve().parents[1] / "train"
+RECIPES = "alexnet_deploy.recipes"  # package data: the shipped recipes
 SCHEDULES = ("plateau", "onecycle", "cosine", "constant")
 METRICS_FILE, LAST, BEST = "metrics.jsonl", "last.pt", "best.pt"
 
@@ -201,24 +204,35 @@ def resume_recipe(out: Path | str, overrides: dict[str, Any]) -> Recipe:
 
 
 def available_recipes() -> list[str]:
-    return sorted(p.stem for p in RECIPE_DIR.glob("*.toml"))
+    """Names of the recipes shipped in the package."""
+    return sorted(f.name[:-len(".toml")] for f in importlib.resources.files(RECIPES).iterdir()
+                  if f.name.endswith(".toml"))
 
 
 def load_recipe(name_or_file: str) -> Recipe:
-    """A recipe by name (``train/NAME.toml``) or by path to a TOML file."""
+    """A shipped recipe by name (``demo``, ``cifar10``, ...) or a TOML file by path."""
     path = Path(name_or_file)
-    if not (path.suffix == ".toml" or path.is_file()):
-        path = RECIPE_DIR / f"{name_or_file}.toml"
-    if not path.is_file():
-        raise UserError(f"recipe {name_or_file!r} not found: use one of "
-                        f"{', '.join(available_recipes()) or '(none in ' + str(RECIPE_DIR) + ')'}"
-                        " or a path to a .toml file")
+    if path.suffix == ".toml" or path.is_file():
+        if not path.is_file():
+            raise UserError(f"recipe file {path} does not exist: pass a .toml file or one of "
+                            f"{', '.join(available_recipes())}")
+        where, stem = str(path), path.stem
+        try:
+            text = path.read_text()
+        except (OSError, UnicodeDecodeError) as e:
+            raise UserError(f"recipe {path} cannot be read ({e})") from e
+    else:
+        if name_or_file not in available_recipes():
+            raise UserError(f"recipe {name_or_file!r} not found: use one of "
+                            f"{', '.join(available_recipes())} or a path to a .toml file")
+        where, stem = f"{name_or_file} (shipped recipe)", name_or_file
+        text = importlib.resources.files(RECIPES).joinpath(f"{name_or_file}.toml").read_text()
     try:
-        values = tomllib.loads(path.read_text())
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
-        raise UserError(f"recipe {path} is not valid TOML ({e})") from e
-    values.setdefault("name", path.stem)
-    return Recipe.from_dict(values, where=f"recipe {path}")
+        values = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        raise UserError(f"recipe {where} is not valid TOML ({e})") from e
+    values.setdefault("name", stem)
+    return Recipe.from_dict(values, where=f"recipe {where}")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -262,8 +262,8 @@ def load_reference(path: str | Path, threads: int | None = None
     """
     path = Path(path)
     if path.suffix.lower() == ".onnx":
-        from alexnet_deploy.backends.onnxruntime import cpu_session
         from alexnet_deploy.metadata import check_alexnet_graph, load_onnx, read_model_info
+        from alexnet_deploy.onnxrt import cpu_session
 
         proto = load_onnx(path, load_weights=False)
         info = read_model_info(proto)

@@ -90,3 +90,45 @@ def onnx_logits(model_path: Path, images):
 
     session = ort.InferenceSession(str(model_path), providers=["CPUExecutionProvider"])
     return session.run(None, {"input": images})[0]
+
+
+def real_images(spec, count: int = 48):
+    """``count`` real CIFAR-10 test images through ``spec`` (float32 NCHW), or, where
+    ../shared/data is absent, the embedded synthetic test images (so the test still runs)."""
+    import numpy as np
+
+    from alexnet_deploy.data import iter_batches
+
+    path = SHARED_DATA / "cifar10_test_2k.npz"
+    data = str(path) if path.exists() else "synthetic:test"
+    batches = iter_batches(data, spec, batch_size=count, limit=count, seed=0, workers=0)
+    return np.ascontiguousarray(next(iter(batches)).images)
+
+
+def assert_thread_safe(engine, images, *, threads: int = 4, calls: int = 25,
+                       batch: int = 3) -> None:
+    """``threads`` threads x ``calls`` calls of ``engine.infer`` on different batches of
+    ``images``: every result equal, bit for bit, to the single-threaded result for the same
+    batch, and no exception."""
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    import numpy as np
+
+    batches = [images[i:i + batch] for i in range(0, len(images) - batch + 1, batch)]
+    expected = [engine.infer(b) for b in batches]
+    assert len({e.tobytes() for e in expected}) == len(batches)  # the batches really differ
+    start = threading.Barrier(threads)
+
+    def worker(t: int) -> list[tuple[int, int]]:
+        start.wait()  # all threads call at once
+        wrong = []
+        for c in range(calls):
+            k = (t * 5 + c) % len(batches)
+            if not np.array_equal(engine.infer(batches[k]), expected[k]):
+                wrong.append((c, k))
+        return wrong
+
+    with ThreadPoolExecutor(threads) as pool:
+        wrong = [w for f in [pool.submit(worker, t) for t in range(threads)] for w in f.result()]
+    assert not wrong, f"{len(wrong)} of {threads * calls} concurrent calls returned wrong logits"

@@ -126,7 +126,7 @@ def test_calibration_for_another_model_is_refused(small_model, tmp_path):
 def test_unknown_backend(small_model, tmp_path):
     expect_error(run("--model", str(small_model["onnx"]), "--precision", "fp32",
                      "--backend", "tflite", "--out", str(tmp_path / "e")),
-                 "unknown backend 'tflite': choose one of auto, onnxruntime, openvino, tensorrt")
+                 "'tflite' is not one of 'auto', 'onnxruntime', 'openvino', 'tensorrt'")
 
 
 def test_backend_not_installed_says_how_to_install(small_model, tmp_path):
@@ -164,8 +164,13 @@ def test_option_combinations_are_checked(small_model, tmp_path, extra, message):
 def test_missing_model_and_unwritable_out(small_model, tmp_path):
     expect_error(run("--model", str(tmp_path / "nope.onnx"), "--precision", "fp32",
                      "--out", str(tmp_path / "e")), "does not exist")
+    (tmp_path / "file").write_text("")
     expect_error(run("--model", str(small_model["onnx"]), "--precision", "fp32",
-                     "--out", str(tmp_path / "missing" / "e")), "does not exist")
+                     "--out", str(tmp_path / "file" / "e")), "is a file, not a folder")
+    # a missing folder above --out is created when the engine is written
+    assert run("--model", str(small_model["onnx"]), "--precision", "fp32", "--backend",
+               "onnxruntime", "--out", str(tmp_path / "missing" / "e")).exit_code == 0
+    assert (tmp_path / "missing" / "e" / "engine.json").is_file()
     (tmp_path / "photos").mkdir()
     (tmp_path / "photos" / "a.jpg").write_bytes(b"x")
     expect_error(run("--model", str(small_model["onnx"]), "--precision", "fp32",

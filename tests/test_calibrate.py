@@ -317,7 +317,8 @@ def test_bad_options(work):
     model, data, tmp = work
     args = ["--model", str(model), "--data", str(data)]
     assert_refused(run_cli(*args, "--out", str(tmp / "c.txt")), "must end in .json")
-    assert_refused(run_cli(*args, "--out", str(tmp / "no" / "c.json")), "does not exist")
+    (tmp / "file").write_text("")
+    assert_refused(run_cli(*args, "--out", str(tmp / "file" / "c.json")), "not a folder")
     assert_refused(run_cli(*args, "--method", "entropy", "--percentile", "99",
                            "--out", str(tmp / "c.json")), "--percentile")
     assert_refused(run_cli(*args, "--method", "percentile", "--percentile", "120",

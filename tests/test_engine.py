@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import numpy as np
@@ -22,7 +21,7 @@ from alexnet_deploy.engine import (
     write_sidecar,
 )
 from alexnet_deploy.errors import UserError
-from alexnet_deploy.fileio import sha256_file
+from alexnet_deploy.fileio import sha256_file, umask
 from alexnet_deploy.preprocess import PreprocessSpec
 
 
@@ -174,7 +173,7 @@ def test_engine_dir_atomic_replaces_an_earlier_engine_whole(tmp_path):
         write_sidecar(tmp, make_sidecar())
     assert sorted(p.name for p in dest.iterdir()) == [SIDECAR_NAME, "new.bin"]
     assert [p.name for p in tmp_path.iterdir()] == ["engine"]
-    assert oct(dest.stat().st_mode & 0o777) == oct(0o777 & ~_umask())
+    assert oct(dest.stat().st_mode & 0o777) == oct(0o777 & ~umask())
     # a failed rebuild keeps the previous engine
     with pytest.raises(RuntimeError), engine_dir_atomic(dest) as tmp:
         raise RuntimeError
@@ -190,12 +189,9 @@ def test_engine_dir_atomic_never_overwrites_what_it_did_not_write(tmp_path):
                 engine_dir_atomic(dest):
             pass
     assert (tmp_path / "photos" / "cat.jpg").read_bytes() == b"meow"
-    with pytest.raises(UserError, match="does not exist"), \
-            engine_dir_atomic(tmp_path / "missing" / "engine"):
+    with pytest.raises(UserError, match="is a file, not a folder"), \
+            engine_dir_atomic(tmp_path / "file" / "engine"):
         pass
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
+    with engine_dir_atomic(tmp_path / "missing" / "engine") as tmp:  # created when written
+        (tmp / "engine.json").write_text("{}")
+    assert (tmp_path / "missing" / "engine" / "engine.json").is_file()

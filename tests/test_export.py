@@ -344,8 +344,9 @@ def bad_files(tmp_path_factory, small_checkpoint) -> dict[str, Path]:
 
 def _out_dir(tmp_path: Path, kind: str) -> tuple[Path, Path]:
     """(folder to check afterwards, --out path) for a normal, missing or read-only folder."""
-    if kind == "missing":
-        return tmp_path, tmp_path / "no" / "such" / "m.onnx"
+    if kind == "file in the way":
+        (tmp_path / "file").write_text("")
+        return tmp_path, tmp_path / "file" / "such" / "m.onnx"
     if kind == "read-only":
         if os.geteuid() == 0:  # root may write into a 0555 folder; sysfs refuses new files
             return Path("/sys"), Path("/sys/alexnet-deploy-test.onnx")
@@ -364,7 +365,8 @@ BAD_CASES = {
                          "ok"),
     "opset too low": (["--checkpoint", "{good}", "--opset", "12"], "--opset 12", "ok"),
     "opset too high": (["--checkpoint", "{good}", "--opset", "99"], "--opset 99", "ok"),
-    "output folder missing": (["--checkpoint", "{good}"], "does not exist", "missing"),
+    "output folder is a file": (["--checkpoint", "{good}"], "is a file, not a folder",
+                                "file in the way"),
     "output folder read-only": (["--checkpoint", "{good}"], "{out_dir}", "read-only"),
     "torchvision keys missing": (["--torchvision-weights", "{missing}"], "classifier.4.weight",
                                  "ok"),

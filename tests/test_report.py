@@ -87,8 +87,9 @@ def test_markdown_table_alignment_and_escaping():
 
 
 def test_unwritable_report_path_is_one_line_error(tmp_path, results):
-    with pytest.raises(UserError, match="does not exist"):
-        write_report(tmp_path / "missing" / "r.md", results)
+    (tmp_path / "file").write_text("")
+    with pytest.raises(UserError, match="is a file, not a folder"):
+        write_report(tmp_path / "file" / "r.md", results)
     with pytest.raises(UserError, match="is a folder"):
         write_report(tmp_path, results)
     if os.geteuid() != 0:  # root writes anywhere

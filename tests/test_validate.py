@@ -233,7 +233,7 @@ def test_data_with_other_classes_is_refused(engines, small_model, tmp_path):
     (["--min-agreement", "99"], "'--min-agreement': 99.0 is not in the range 0.0<=x<=1.0"),
     (["--max-top1-drop", "-1"], "'--max-top1-drop': -1.0 is not in the range x>=0.0"),
     (["--limit", "0"], "'--limit': 0 is not in the range x>=1"),
-    (["--json", "/dev/null/v.json"], "/dev/null"),  # a file, where a folder should be
+    (["--json", "/dev/null/v.json"], "/dev/null is a file, not a folder"),
 ])
 def test_bad_options(engines, small_model, option, message):
     expect_error(run("--engine", str(engines / "fp32"), "--reference", str(small_model["onnx"]),

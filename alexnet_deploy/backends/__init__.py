@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from alexnet_deploy.errors import UserError
+from alexnet_deploy.errors import UserError, first_line  # noqa: F401 - backends use it
 
 if TYPE_CHECKING:
     import onnx
@@ -56,7 +56,12 @@ class InputMetadata:
 
 
 class Runner(ABC):
-    """A loaded engine. ``infer`` takes a float32 NCHW batch and returns float32 logits."""
+    """A loaded engine. ``infer`` takes a float32 NCHW batch and returns float32 logits.
+
+    Every runner's ``infer`` is safe to call from several threads at once (web servers, Triton's
+    Python backend and C++ apps do): each backend's runner docstring says how it achieves that.
+    ``close`` must not race with ``infer``.
+    """
 
     @abstractmethod
     def infer(self, batch: np.ndarray) -> np.ndarray: ...
@@ -135,12 +140,6 @@ class Backend(ABC):
         """What the build host's accelerator is, for the sidecar (e.g. ``{"gpu": ...}``).
         Defaults to nothing (CPU backends: the CPU is recorded for every engine)."""
         return {}
-
-
-def first_line(e: BaseException, limit: int = 300) -> str:
-    """The first line of an exception's message (a framework's errors can run to pages)."""
-    text = str(e).strip().splitlines()
-    return text[0][:limit] if text else type(e).__name__
 
 
 def get_backend(name: str) -> Backend:

@@ -29,6 +29,7 @@ IR written by a newer OpenVINO major version than the installed one is refused a
 from __future__ import annotations
 
 import importlib.util
+import queue
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -73,21 +74,44 @@ def compile_config(precision: str, threads: int | None) -> dict[str, Any]:
 
 
 class OpenVinoRunner(Runner):
+    """A compiled OpenVINO model; :meth:`infer` is safe to call from several threads at once.
+
+    An ``InferRequest`` holds its input and output tensors, so two threads sharing one would
+    overwrite each other's data (silently wrong logits) or fail with "Infer Request is busy".
+    Each call therefore takes an idle request from a pool and puts it back when done; a new
+    request is created only when every pooled one is busy, so the pool grows to the largest
+    number of concurrent callers and no further. Requests share the compiled model's weights
+    and CPU streams: concurrent calls queue inside OpenVINO rather than oversubscribing cores.
+    """
+
     def __init__(self, compiled: Any, meta: InputMetadata) -> None:
         self.compiled = compiled
-        self.request = compiled.create_infer_request()
         self.output = compiled.output(0)
         self.meta = meta
+        self._idle: queue.SimpleQueue = queue.SimpleQueue()
+        self._idle.put(compiled.create_infer_request())
+
+    def _request(self) -> Any:
+        try:
+            return self._idle.get_nowait()
+        except queue.Empty:
+            return self.compiled.create_infer_request()
 
     def infer(self, batch: np.ndarray) -> np.ndarray:
-        result = self.request.infer({self.meta.name: batch}, share_inputs=True)
-        return np.array(result[self.output], dtype=np.float32)
+        request = self._request()
+        try:
+            result = request.infer({self.meta.name: batch}, share_inputs=True)
+            # copy out of the request's output tensor before another caller reuses the request
+            return np.array(result[self.output], dtype=np.float32)
+        finally:
+            self._idle.put(request)
 
     def input_metadata(self) -> InputMetadata:
         return self.meta
 
     def close(self) -> None:
-        self.request = self.compiled = None
+        self._idle = queue.SimpleQueue()
+        self.compiled = None
 
 
 class OpenVinoBackend(Backend):

@@ -110,3 +110,11 @@ def test_build_refuses_a_graph_onnx_runtime_cannot_load(tmp_path):
     with pytest.raises(UserError, match="ONNX Runtime .* cannot load the model"):
         BACKEND.build(model, tmp_path)
     assert not (tmp_path / ARTIFACT).exists()
+
+
+@pytest.mark.parametrize("precision", ["fp32", "int8"])
+def test_engine_is_safe_to_call_from_several_threads(engines, precision):
+    from tests.conftest import assert_thread_safe, real_images
+
+    with load_engine(engines / precision, threads=2) as engine:
+        assert_thread_safe(engine, real_images(engine.sidecar.preprocess))

@@ -97,3 +97,14 @@ def test_ir_from_a_newer_major_version_is_refused():
     BACKEND.check_compatible(types.SimpleNamespace(backend_version=f"{major - 1}.0.0"))
     with pytest.raises(UserError, match=f"built with OpenVINO {major + 1}.0.0, newer than"):
         BACKEND.check_compatible(types.SimpleNamespace(backend_version=f"{major + 1}.0.0"))
+
+
+@pytest.mark.parametrize("precision", ["fp32", "int8"])
+@pytest.mark.parametrize("threads", [None, 1])
+def test_engine_is_safe_to_call_from_several_threads(engines, precision, threads):
+    """A shared infer request gave wrong logits for most concurrent calls (threads=1) or died
+    with "Infer Request is busy" (default threads)."""
+    from tests.conftest import assert_thread_safe, real_images
+
+    with load_engine(engines / precision, threads=threads) as engine:
+        assert_thread_safe(engine, real_images(engine.sidecar.preprocess))
