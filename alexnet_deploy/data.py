@@ -45,6 +45,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from alexnet_deploy.errors import UserError
+from alexnet_deploy.fileio import KIND_NAMES, file_kind
 from alexnet_deploy.preprocess import DECODE_ERRORS, PreprocessSpec, to_rgb
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
@@ -203,6 +204,11 @@ def load_npz(path: Path | str) -> ArrayDataset:
     if not path.is_file():
         raise UserError(f"data file {path} does not exist: pass an .npz, an image folder or "
                         "synthetic:train")
+    kind = file_kind(path)
+    if kind != "npz":  # numpy would answer with its allow_pickle hint
+        raise UserError(f"data file {path} is not an .npz archive (it is {KIND_NAMES[kind]}): "
+                        "pass one written by numpy.savez with 'images' uint8 [N,H,W,3] and "
+                        "'labels' [N], an image folder or synthetic:train")
     try:
         with np.load(path, allow_pickle=False) as npz:
             missing = [k for k in ("images", "labels") if k not in npz.files]

@@ -10,7 +10,7 @@ import os
 import shutil
 import sys
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -198,7 +198,8 @@ def print_note(message: str) -> None:
 
 
 def check_output(path: Path | str, option: str, kind: str, *,
-                 inputs: dict[str, Path | str | None] | None = None,
+                 inputs: Mapping[str, Path | str | None]
+                 | Iterable[tuple[str, Path | str | None]] = (),
                  say: Callable[[str], None] | None = print_note) -> Path:
     """Refuse an output path that would destroy something, before the command's work starts.
 
@@ -212,8 +213,8 @@ def check_output(path: Path | str, option: str, kind: str, *,
         path: the output the command will write.
         option: the option that named it (``--out``, ``--json`` ...), for messages.
         kind: what will be written there, a key of :data:`KIND_NAMES`.
-        inputs: option -> path of each of the command's inputs (None and ``synthetic:...``
-            entries are skipped). Defaults to none.
+        inputs: option -> path of each of the command's inputs, a mapping or ``(option,
+            path)`` pairs (None and ``synthetic:...`` entries are skipped). Defaults to none.
         say: where the "replacing" note goes; None says nothing (the caller says it).
             Defaults to :func:`print_note` (one line on stderr).
 
@@ -223,7 +224,7 @@ def check_output(path: Path | str, option: str, kind: str, *,
     path = Path(path)
     target = path.resolve()
     folder_kind = kind in ("engine", "run", "folder")
-    for in_option, value in (inputs or {}).items():
+    for in_option, value in (inputs.items() if isinstance(inputs, Mapping) else inputs):
         if value is None or str(value).startswith("synthetic:") or not Path(value).exists():
             continue
         source = Path(value).resolve()
