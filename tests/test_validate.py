@@ -139,18 +139,21 @@ def test_failing_thresholds_exit_1_and_say_which(engines, tmp_path_factory):
     assert "top-1 dropped" not in result.output  # only the check that failed is named
 
 
-def test_each_threshold_fails_on_its_own():
-    def result(**kw) -> ValidationResult:
-        fields = {"engine": "e", "backend": "b", "precision": "int8", "reference": "r",
-                  "data": "d", "num_images": 100, "engine_top1": 0.70, "engine_top5": 0.9,
-                  "reference_top1": 0.70, "reference_top5": 0.9, "top1_agreement": 0.995,
-                  "top5_overlap": 0.99, "max_abs_logit_error": 0.1, "mean_abs_logit_error": 0.01,
-                  "cosine_similarity": 0.999, "min_cosine_similarity": 0.99,
-                  "nonfinite_logits": 0, "per_class": {}, "max_top1_drop": 0.5,
-                  "min_agreement": 0.99}
-        fields.update(kw)
-        return ValidationResult(**fields)
+def validation_result(**kw) -> ValidationResult:
+    """A passing INT8 result on 100 images; ``kw`` replaces fields."""
+    fields = {"engine": "e", "backend": "b", "precision": "int8", "reference": "r",
+              "data": "d", "num_images": 100, "engine_top1": 0.70, "engine_top5": 0.9,
+              "reference_top1": 0.70, "reference_top5": 0.9, "top1_agreement": 0.995,
+              "top5_overlap": 0.99, "max_abs_logit_error": 0.1, "mean_abs_logit_error": 0.01,
+              "cosine_similarity": 0.999, "min_cosine_similarity": 0.99,
+              "nonfinite_logits": 0, "per_class": {}, "max_top1_drop": 0.5,
+              "min_agreement": 0.99}
+    fields.update(kw)
+    return ValidationResult(**fields)
 
+
+def test_each_threshold_fails_on_its_own():
+    result = validation_result
     assert _failures(result()) == []
     assert _failures(result(engine_top1=0.696)) == []  # 0.4 points: within 0.5
     (drop,) = _failures(result(engine_top1=0.69))
