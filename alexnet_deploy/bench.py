@@ -777,7 +777,7 @@ def run_bench(engines: Sequence[str], reference: str | None = None,
 
         check_output(report_path, "--report", "text", inputs=inputs)
         for plot in plot_paths(Path(report_path)):
-            check_output(plot, "--report (its plots)", "png", inputs=inputs)
+            check_output(plot, "--report (its plots)", "png", inputs=inputs, say=None)
 
     targets = engine_targets(engines, threads)
     try:

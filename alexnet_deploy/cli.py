@@ -330,13 +330,13 @@ def bench(engines, reference, batch_sizes, duration, iterations, warmup, threads
 @click.option("--engine", required=True, metavar="ENGINE",
               help="Engine folder from 'alexnet-deploy build'.")
 @click.argument("images", nargs=-1, required=True, metavar="IMAGE_OR_FOLDER...")
-@click.option("--top-k", type=click.IntRange(min=1), default=5, show_default=True, metavar="K",
+@click.option("--top-k", type=COUNT, default=5, show_default=True, metavar="K",
               help="Classes printed per image.")
-@click.option("--batch-size", type=click.IntRange(min=1), default=None, metavar="B",
+@click.option("--batch-size", type=COUNT, default=None, metavar="B",
               help="Images per engine call.  [default: 32 within the engine's batch range]")
 @click.option("--json", "json_path", metavar="FILE",
               help="Also write every image's top-k (index, label, probability) as JSON.")
-@click.option("--threads", type=click.IntRange(min=1), default=None, metavar="N",
+@click.option("--threads", type=COUNT, default=None, metavar="N",
               help="CPU threads.")
 def predict(engine, images, top_k, batch_size, json_path, threads) -> None:
     """Print the top-k classes of images (files or folders) with their probabilities."""
