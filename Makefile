@@ -26,8 +26,8 @@ demo: $(STAMP)
 # Two processes: OpenVINO's objects crash the interpreter at shutdown when they share a process
 # with the rest of the suite (tests/backends/test_openvino.py says more).
 test: $(STAMP)
-	$(BIN)/python -m pytest -q -m "not openvino"
-	$(BIN)/python -m pytest -q -m openvino
+	$(BIN)/python -m pytest -q -rs -m "not openvino"
+	$(BIN)/python -m pytest -q -rs -m openvino
 
 lint: $(STAMP)
 	$(BIN)/ruff check alexnet_deploy tests benchmarks

@@ -376,9 +376,10 @@ class Engine:
         Raises:
             UserError: naming the first image that cannot be read.
         """
-        spec = self.sidecar.preprocess
-        return np.stack([spec.load(open_image(image, name=_source_label(image, i)))
-                         for i, image in enumerate(images)])
+        return np.stack([self._load(image, i) for i, image in enumerate(images)])
+
+    def _load(self, image: ImageLike, position: int) -> np.ndarray:
+        return self.sidecar.preprocess.load(open_image(image, _source_label(image, position)))
 
     def classify(self, images: ImageLike | Sequence[ImageLike], top_k: int = 5,
                  batch_size: int | None = None) -> list[Prediction]:
@@ -424,7 +425,7 @@ class Engine:
             for i in chunk:
                 source = _source_label(images[i], i)
                 try:
-                    arrays.append(self.sidecar.preprocess.load(open_image(images[i], source)))
+                    arrays.append(self._load(images[i], i))
                 except UserError as e:
                     if on_unreadable is None:
                         raise

@@ -31,7 +31,7 @@ canonical Q/DQ placement per target:
       Relu; MaxPool, Flatten, LRN ... of such a tensor). Symmetric int8 spends half its codes on
       negative values these tensors never take; uint8 with zero point 0 keeps the same grid
       family (0 exact, no zero-point arithmetic) and spends all 256 codes on ``[0, amax]``, a
-      step half as wide. Measured on a CIFAR-recipe model (docs/results.md): top-1 agreement
+      step half as wide. Measured on a CIFAR-recipe model (docs/notes.md): top-1 agreement
       with FP32 0.978 -> 0.985 (entropy), 0.975 -> 0.988 (minmax). The calibration file keeps
       TensorRT's ``scale = amax/127``; only this placement's uint8 tensors divide by 255.
       It also lets ONNX Runtime drop the Relu and run its u8s8 VNNI / AMX kernels. (On AVX2
@@ -85,6 +85,7 @@ import numpy as np
 from alexnet_deploy import metadata as meta
 from alexnet_deploy.calibrators import INT8_MAX
 from alexnet_deploy.errors import UserError
+from alexnet_deploy.graph import LRNBlock, inferred_value_info, lrn_blocks, node_label
 from alexnet_deploy.metadata import set_meta
 from alexnet_deploy.onnxrt import ort_logits
 
@@ -135,11 +136,6 @@ def _consumers(graph: onnx.GraphProto) -> dict[str, list[onnx.NodeProto]]:
 
 def _initializers(graph: onnx.GraphProto) -> dict[str, onnx.TensorProto]:
     return {t.name: t for t in graph.initializer}
-
-
-def node_label(node: onnx.NodeProto) -> str:
-    """A node's name, or its first output's name when it has none."""
-    return node.name or node.output[0]
 
 
 def opset_version(model: onnx.ModelProto) -> int:
@@ -208,7 +204,7 @@ def lrn_regions(model: onnx.ModelProto) -> list[set[str]]:
     graph = model.graph
     inits = _initializers(graph)
     consumers = _consumers(graph)
-    regions = [set(block.nodes) for block in native_lrn_blocks(model)]
+    regions = [set(block.nodes) for block in lrn_blocks(model)]
     for node in graph.node:
         if node.op_type == "LRN":
             continue
@@ -229,59 +225,6 @@ def lrn_regions(model: onnx.ModelProto) -> list[set[str]]:
         if closed and len(region) <= _MAX_LRN_REGION:
             regions.append(region)
     return regions
-
-
-@dataclass(frozen=True)
-class NativeLRNBlock:
-    """Native LRN applied per channel group: ``Split(axis=1) -> LRN per group -> Concat(axis=1)``
-    (the canonical export's per-tower form), or a lone ``LRN`` (one group)."""
-
-    x: str
-    output: str
-    nodes: tuple[str, ...]  # labels, first to last
-    groups: int
-    size: int
-    alpha: float  # as ONNX's LRN attribute (divided by size in the formula)
-    beta: float
-    bias: float
-
-
-def native_lrn_blocks(model: onnx.ModelProto) -> list[NativeLRNBlock]:
-    """The native LRN blocks of ``model``, in graph order."""
-    from onnx import helper
-
-    graph = model.graph
-    producers, consumers = _producers(graph), _consumers(graph)
-
-    def params(node) -> tuple[int, float, float, float]:
-        a = {x.name: helper.get_attribute_value(x) for x in node.attribute}
-        return (int(a["size"]), float(a.get("alpha", 1e-4)), float(a.get("beta", 0.75)),
-                float(a.get("bias", 1.0)))
-
-    blocks, grouped = [], set()
-    for concat in graph.node:
-        if concat.op_type != "Concat" or any(a.name == "axis" and a.i != 1
-                                             for a in concat.attribute):
-            continue
-        lrns = [producers.get(i) for i in concat.input]
-        if len(lrns) < 2 or any(n is None or n.op_type != "LRN" for n in lrns):
-            continue
-        split = producers.get(lrns[0].input[0])
-        if (split is None or split.op_type != "Split"
-                or any(a.name == "axis" and a.i != 1 for a in split.attribute)
-                or [n.input[0] for n in lrns] != list(split.output)
-                or len({params(n) for n in lrns}) != 1
-                or any(len(consumers.get(o, [])) != 1 for n in [split, *lrns] for o in n.output)):
-            continue
-        blocks.append(NativeLRNBlock(split.input[0], concat.output[0],
-                                     tuple(node_label(n) for n in [split, *lrns, concat]),
-                                     len(lrns), *params(lrns[0])))
-        grouped.update(node_label(n) for n in lrns)
-    for node in graph.node:
-        if node.op_type == "LRN" and node_label(node) not in grouped:
-            blocks.append(NativeLRNBlock(node.input[0], node.output[0], (node_label(node),), 1,
-                                         *params(node)))
-    return blocks
 
 
 def _lrn_nodes(model: onnx.ModelProto) -> set[str]:
@@ -673,13 +616,13 @@ def lrn_channels_last(model: onnx.ModelProto) -> onnx.ModelProto:
     up to float rounding inside the LRN. A block whose input is not such a uint8 Q (its conv kept
     in FP32) gets the same layout on its float input, and the pool keeps its Q/DQ.
 
-    Measured on the full-size model, batch 16, 2 threads (``docs/results-quantize.md``): the INT8
+    Measured on the full-size model, batch 16, 2 threads (``docs/notes.md``): the INT8
     engine runs 1.2x its FP32 engine with the NCHW form and 2.0x with this one at ONNX Runtime's
     default settings, 1.5x and 2.7x with thread spinning off. The FP32 graph is as fast in either
     layout. OpenVINO, whose native LRN is fast, should keep the native block.
 
     Args:
-        model: a graph with native LRN blocks (:func:`native_lrn_blocks`) whose input shapes are
+        model: a graph with native LRN blocks (:func:`alexnet_deploy.graph.lrn_blocks`) whose input shapes are
             known after shape inference. Not modified.
 
     Raises:
@@ -688,7 +631,7 @@ def lrn_channels_last(model: onnx.ModelProto) -> onnx.ModelProto:
     import onnx
     from onnx import helper, numpy_helper
 
-    blocks = native_lrn_blocks(model)
+    blocks = lrn_blocks(model)
     out = _copy(model)
     if not blocks:
         return out
@@ -787,7 +730,7 @@ def lrn_channels_last(model: onnx.ModelProto) -> onnx.ModelProto:
     return out
 
 
-def _integer_lrn_io(model: onnx.ModelProto, block: NativeLRNBlock) -> dict | None:
+def _integer_lrn_io(model: onnx.ModelProto, block: LRNBlock) -> dict | None:
     """For ``Q(s, uint8, 0) -> DQ -> [LRN block] -> MaxPool -> Q(s_pool, uint8, 0) -> DQ``, each
     link the only reader of the one before: the codes tensor, ``s``, the pool, ``s_pool`` and the
     nodes the integer form replaces. None for any other surrounding."""
@@ -834,21 +777,10 @@ def _integer_lrn_io(model: onnx.ModelProto, block: NativeLRNBlock) -> dict | Non
 def _static_shapes(model: onnx.ModelProto, names: Sequence[str]) -> dict[str, list[int]]:
     """Static 4-D shapes of ``names`` (batch may be symbolic: -1), by shape inference on a copy
     whose large initializers are replaced by their dims (fast on the 244 MB model)."""
-    import onnx
 
     known = {v.name: v for v in [*model.graph.value_info, *model.graph.input]}
     if any(n not in known for n in names):
-        skeleton = onnx.ModelProto(ir_version=model.ir_version)
-        skeleton.opset_import.extend(model.opset_import)
-        graph = skeleton.graph
-        graph.node.extend(model.graph.node)
-        graph.input.extend(model.graph.input)
-        graph.output.extend(model.graph.output)
-        for t in model.graph.initializer:
-            if int(np.prod(t.dims)) > 4096:
-                t = onnx.TensorProto(name=t.name, dims=t.dims, data_type=t.data_type)
-            graph.initializer.append(t)
-        inferred = onnx.shape_inference.infer_shapes(skeleton).graph.value_info
+        inferred = inferred_value_info(model)
         known.update({v.name: v for v in inferred})
     shapes = {}
     for name in names:

@@ -86,7 +86,7 @@ class OnnxRuntimeBackend(Backend):
     def rewrite_graph(self, graph: onnx.ModelProto) -> onnx.ModelProto:
         # A quantized graph gets the channels-last LRN form: written NCHW, the float LRN between
         # the integer convs and pools costs layout transposes and float pools (measured: INT8 at
-        # 1.2x FP32 with the NCHW form, 2.0x channels-last; docs/results-quantize.md).
+        # 1.2x FP32 with the NCHW form, 2.0x channels-last; docs/notes.md).
         if any(n.op_type == "QuantizeLinear" for n in graph.graph.node):
             from alexnet_deploy.quantize import lrn_channels_last
             from alexnet_deploy.rewrite import record_rewrite
