@@ -239,8 +239,9 @@ def check_output(path: Path | str, option: str, kind: str, *,
     existing = file_kind(path)
     if existing is not None:
         if existing in ("engine", "run", "folder") and not folder_kind:
+            suffix = {"text": "md", "calibration": "json"}.get(kind, kind)
             raise UserError(f"{option} {path} is a folder: give a file name such as "
-                            f"{path / ('out.' + ('md' if kind == 'text' else kind))}")
+                            f"{path / ('out.' + suffix)}")
         if folder_kind and existing not in ("engine", "run", "folder"):
             raise UserError(f"{option} {path} is {KIND_NAMES[existing]}, not a folder: "
                             "choose another path")
