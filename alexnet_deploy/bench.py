@@ -45,6 +45,7 @@ import numpy as np
 
 from alexnet_deploy.backends import InputMetadata, Runner
 from alexnet_deploy.errors import UserError
+from alexnet_deploy.fileio import check_output
 from alexnet_deploy.preprocess import PreprocessSpec
 
 DEFAULT_BATCH_SIZES = (1, 8, 32)
@@ -674,12 +675,14 @@ class _Progress:
 
         if iterations is None:
             self.total = round(jobs * (warmup + duration), 2)
-            self.bar = tqdm(total=self.total, unit="s", file=sys.stderr, leave=False,
+            # disable=None: a bar only on a terminal, never in a redirected log
+            self.bar = tqdm(total=self.total, unit="s", file=sys.stderr, leave=False, disable=None,
                             bar_format="{desc}{percentage:3.0f}%|{bar}| {n:.1f}/{total:.1f} s "
                                        "[{elapsed}<{remaining}]")
         else:
             self.total = jobs * iterations
-            self.bar = tqdm(total=self.total, unit="call", file=sys.stderr, leave=False)
+            self.bar = tqdm(total=self.total, unit="call", file=sys.stderr, leave=False,
+                            disable=None)
 
     def update(self, n: float) -> None:
         if self.bar is not None:
@@ -767,10 +770,16 @@ def run_bench(engines: Sequence[str], reference: str | None = None,
         raise UserError(f"--threads must be >= 1, got {threads}")
     if not engines and not reference:
         raise UserError("nothing to bench: pass --engine ENGINE (and/or --reference CHECKPOINT)")
-    for option, path, example in (("--json", json_path, "bench.json"),
-                                  ("--report", report_path, "report.md")):
-        if path:
-            check_output_path(option, Path(path), example)
+    inputs = {f"--engine {path}": path for path in engines}
+    inputs.update({"--reference": reference, "--data": data})
+    if json_path:
+        check_output(json_path, "--json", "json", inputs=inputs)
+    if report_path:
+        from alexnet_deploy.report import plot_paths
+
+        check_output(report_path, "--report", "text", inputs=inputs)
+        for plot in plot_paths(Path(report_path)):
+            check_output(plot, "--report (its plots)", "png", inputs=inputs, say=None)
 
     targets = engine_targets(engines, threads)
     try:
@@ -793,18 +802,6 @@ def run_bench(engines: Sequence[str], reference: str | None = None,
         written = write_report(report_path, results)
         echo("wrote " + ", ".join(str(p) for p in written))
     return results
-
-
-def check_output_path(option: str, path: Path, example: str) -> None:
-    """UserError (naming ``option``) unless ``path`` is a file name in a writable folder."""
-    if path.is_dir():
-        raise UserError(f"{option} {path} is a folder: give a file name such as "
-                        f"{path / example}")
-    parent = path.resolve().parent
-    if not parent.is_dir():
-        raise UserError(f"{option} {path}: folder {parent} does not exist: create it first")
-    if not os.access(parent, os.W_OK):
-        raise UserError(f"{option} {path}: folder {parent} is not writable")
 
 
 def format_table(results: Sequence[BenchResult]) -> str:

@@ -140,8 +140,8 @@ def build_engine(model_path: str | Path, precision: str, out: str | Path, *,
     from alexnet_deploy.backends import get_backend
     from alexnet_deploy.calibrate import load_calibration, model_input
     from alexnet_deploy.engine import EngineSidecar, engine_dir_atomic, host_info, write_sidecar
-    from alexnet_deploy.fileio import check_writable_dir, sha256_file
-    from alexnet_deploy.metadata import load_onnx, read_model_info
+    from alexnet_deploy.fileio import check_output, sha256_file
+    from alexnet_deploy.metadata import check_alexnet_graph, load_onnx, read_model_info
     from alexnet_deploy.model import LAYERS
     from alexnet_deploy.quantize import weighted_layers
 
@@ -173,8 +173,9 @@ def build_engine(model_path: str | Path, precision: str, out: str | Path, *,
         if not calibration_data:
             raise UserError("--max-top1-drop needs --calibration-data PATH (images to measure "
                             "the drop on)")
-    out = Path(out)
-    check_writable_dir(out)
+    out = check_output(out, "--out", "engine", inputs={
+        "--model": model_path, "--calibration": calibration,
+        "--calibration-data": calibration_data})
     messages: list[str] = []
     if calibration is not None and precision != "int8":
         messages.append(f"--calibration is only used by INT8 builds; ignored for {precision}")
@@ -188,6 +189,7 @@ def build_engine(model_path: str | Path, precision: str, out: str | Path, *,
     model_path = Path(model_path)
     model = load_onnx(model_path)
     info = read_model_info(model)
+    check_alexnet_graph(model, info, str(model_path))
     spec = info.preprocess
     input_name, _ = model_input(model, spec, where=str(model_path))
     model_sha = sha256_file(model_path)
@@ -264,7 +266,7 @@ def _choose_fp32_layers(model: onnx.ModelProto, calibration: Any, data: str, spe
     dataset = open_dataset(data)
     limit = min(SENSITIVITY_IMAGES, len(dataset))
     images, labels = [], []
-    with tqdm(total=limit, desc="search images", unit="img", disable=not progress,
+    with tqdm(total=limit, desc="search images", unit="img", disable=None if progress else True,
               leave=False) as bar:
         for batch in iter_batches(dataset, spec, batch_size=64, limit=limit, seed=0):
             images.append(batch.images)

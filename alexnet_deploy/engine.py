@@ -64,7 +64,9 @@ from alexnet_deploy.errors import UserError
 from alexnet_deploy.fileio import (
     check_writable_dir,
     make_parent,
+    remove_stale_temporaries,
     sha256_file,
+    temporary_prefix,
     umask,
     write_json_atomic,
 )
@@ -287,19 +289,20 @@ def engine_dir_atomic(dest: Path | str) -> Iterator[Path]:
     """
     dest = Path(dest)
     check_writable_dir(dest)
+    remove_stale_temporaries(dest)  # first: it may put back an engine a killed build moved aside
     if dest.exists() and not (dest.is_dir() and (not any(dest.iterdir())
                                                  or sidecar_path(dest).is_file())):
         raise UserError(f"{dest} exists and is not an engine folder: choose another --out or "
                         "remove it")
     make_parent(dest)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=temporary_prefix(dest), suffix=".tmp", dir=dest.parent))
     old: Path | None = None
     try:
         yield tmp
         os.chmod(tmp, 0o777 & ~umask())  # mkdtemp makes it 0700
         if dest.exists():
             # rename(2) cannot replace a non-empty folder: move the old engine aside first
-            old = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", suffix=".old",
+            old = Path(tempfile.mkdtemp(prefix=temporary_prefix(dest), suffix=".old",
                                         dir=dest.parent))
             os.replace(dest, old / dest.name)
         os.replace(tmp, dest)

@@ -67,7 +67,7 @@ import torch
 from alexnet_deploy import __version__
 from alexnet_deploy.data import imagenet1k_classes
 from alexnet_deploy.errors import UserError, first_line
-from alexnet_deploy.fileio import atomic_path, check_writable_dir, sha256_file
+from alexnet_deploy.fileio import atomic_path, check_output, check_writable_dir, sha256_file
 from alexnet_deploy.metadata import INPUT_NAME, OUTPUT_NAME, ModelInfo, write_model_info
 from alexnet_deploy.model import (
     LRN_BETA,
@@ -499,7 +499,10 @@ def run_export(out: Path | str, *, checkpoint: Path | str | None = None,
     if parity_images < 1:
         raise UserError(f"--parity-images must be >= 1, got {parity_images}")
     check_opset(opset)
-    check_writable_dir(Path(out))  # before the slow part: fail fast on a bad --out
+    # before the slow part: fail fast on an --out that cannot or must not be written
+    check_output(out, "--out", "onnx", inputs={"--checkpoint": checkpoint,
+                                               "--torchvision-weights": torchvision_weights,
+                                               "--parity-data": parity_data})
     source = (source_from_checkpoint(checkpoint) if checkpoint is not None
               else source_from_torchvision(torchvision_weights))
     data = parity_data or DEFAULT_PARITY_DATA

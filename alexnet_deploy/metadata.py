@@ -140,3 +140,46 @@ def load_onnx(path: str | Path, load_weights: bool = True) -> onnx.ModelProto:
         return onnx.load(str(path), load_external_data=load_weights)
     except (DecodeError, OSError, ValueError) as e:
         raise UserError(f"{path} is not a readable ONNX model ({e}): re-export it") from e
+
+
+def check_alexnet_graph(model: onnx.ModelProto, info: ModelInfo, where: str = "the model"
+                        ) -> None:
+    """UserError unless ``model``'s graph is the AlexNet that ``info`` (its own metadata)
+    describes, as ``alexnet-deploy export`` writes it: nodes ``conv1`` .. ``conv5`` (Conv) and
+    ``fc6`` .. ``fc8`` (Gemm), every weight of the recorded config under its ``state_dict`` name
+    with its shape, and one ``logits`` output per class. Metadata copied onto another graph
+    does not pass. Reads only names and shapes (``model`` may be loaded without weights).
+    """
+    import torch
+
+    from alexnet_deploy.model import LAYERS, AlexNetConfig, AlexNetGrouped
+
+    hint = "pass the .onnx written by 'alexnet-deploy export'"
+    try:
+        cfg = AlexNetConfig.from_dict(info.config)
+    except (TypeError, ValueError, UserError) as e:
+        raise UserError(f"{where} has no usable AlexNet config in its metadata ({e}): {hint}"
+                        ) from None
+    ops = {node.name: node.op_type for node in model.graph.node}
+    for layer in LAYERS:
+        op = "Gemm" if layer.startswith("fc") else "Conv"
+        if ops.get(layer) != op:
+            found = f"a {ops[layer]} node" if layer in ops else "no such node"
+            raise UserError(f"{where} is not an AlexNet export: layer {layer} should be a {op} "
+                            f"node, the graph has {found}; {hint}")
+    with torch.device("meta"):  # shapes only: no memory for the weights
+        expected = {k: tuple(v.shape) for k, v in AlexNetGrouped(cfg).state_dict().items()}
+    weights = {t.name: tuple(t.dims) for t in model.graph.initializer}
+    for name, shape in expected.items():
+        if weights.get(name) != shape:
+            found = f"shape {list(weights[name])}" if name in weights else "no such weight"
+            raise UserError(f"{where} is not the AlexNet its metadata describes: {name} should "
+                            f"have shape {list(shape)} ({cfg.arch}, {cfg.num_classes} classes, "
+                            f"width x{cfg.width_mult:g}), the graph has {found}; {hint}")
+    outputs = [(v.name, [d.dim_value or d.dim_param for d in v.type.tensor_type.shape.dim])
+               for v in model.graph.output]
+    if [name for name, _ in outputs] != [OUTPUT_NAME] or outputs[0][1][-1:] != \
+            [len(info.classes)] or len(info.classes) != cfg.num_classes:
+        raise UserError(f"{where} is not an AlexNet export of {len(info.classes)} classes: its "
+                        f"outputs are {outputs}, expected {OUTPUT_NAME} [N, {len(info.classes)}];"
+                        f" {hint}")

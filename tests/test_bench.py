@@ -352,11 +352,11 @@ def test_cli_bad_inputs(tiny_engine, tmp_path):
                 ["--threads", "0"]):
         _one_error_line(invoke("--engine", str(tiny_engine), *bad), bad[0])
     _one_error_line(invoke("--engine", str(tiny_engine), *common, "--report",
-                           str(tmp_path / "missing" / "r.md")), "--report", "does not exist")
+                           "/dev/null/r.md"), "--report", "/dev/null is a file, not a folder")
     _one_error_line(invoke("--engine", str(tiny_engine), *common, "--report", str(tmp_path)),
                     "is a folder")
     _one_error_line(invoke("--engine", str(tiny_engine), *common, "--json",
-                           str(tmp_path / "missing" / "b.json")), "--json")
+                           "/dev/null/b.json"), "--json")
     _one_error_line(invoke(*common), "nothing to bench")
 
 
