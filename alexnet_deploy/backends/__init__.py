@@ -90,7 +90,7 @@ class Runner(ABC):
     def close(self) -> None:
         """Release device memory / sessions. Defaults to doing nothing."""
 
-    def __enter__(self) -> Runner:
+    def __enter__(self) -> Runner:  # noqa: PYI034 - typing.Self needs Python 3.11; we support 3.10
         return self
 
     def __exit__(self, *exc: object) -> None:
