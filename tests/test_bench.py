@@ -365,7 +365,7 @@ def test_cli_closes_runners_when_bench_fails(monkeypatch):
     runner = FakeRunner("A", log, max_batch=1)
 
     engine = SimpleNamespace(sidecar={"backend": "fake", "precision": "fp32"}, runner=runner)
-    monkeypatch.setattr("alexnet_deploy.engine.load_engine", lambda path, threads=None: engine)
+    monkeypatch.setattr("alexnet_deploy.bench.load_engine", lambda path, threads=None: engine)
     out = invoke("--engine", "whatever", "--batch-sizes", "2", "--iterations", "1")
     _one_error_line(out, "whatever", "(1..1)")
     assert runner.closed
