@@ -192,22 +192,41 @@ def calibrate(model, data, method, percentile, num_images, batch_size, seed, trt
                    "OpenVINO if installed, else ONNX Runtime).")
 @click.option("--max-batch", type=int, default=64, show_default=True, metavar="N",
               help="Largest batch of a TensorRT engine's profile (CPU engines take any batch).")
+@click.option("--min-agreement", type=float, default=None, metavar="F",
+              help="INT8 accuracy budget: top-1 agreement with FP32 (0.99 = 99%) on held-out "
+                   "images of --calibration-data. The build picks the calibration method and "
+                   "keeps the costliest layers in FP32 until it holds.")
 @click.option("--max-top1-drop", type=float, default=None, metavar="X",
-              help="INT8: keep the layers that cost most accuracy in FP32 until the top-1 drop "
-                   "measured on --calibration-data is at most X percentage points.")
+              help="INT8 accuracy budget: top-1 percentage points the engine may lose (with "
+                   "the model's own classes; else disagreement with FP32).")
 @click.option("--calibration-data", metavar="PATH",
-              help="Labelled images (folder or .npz) for --max-top1-drop.")
+              help="Images (folder or .npz) an accuracy budget is calibrated and checked on.")
+@click.option("--confidence", type=float, default=0.95, show_default=True, metavar="P",
+              help="The budget must hold at this one-sided confidence (0.5: as measured).")
+@click.option("--best-effort", is_flag=True,
+              help="Build the closest mix when the budget cannot be met (default: fail).")
+@click.option("--placement", type=click.Choice(["cpu", "tensorrt"]), default=None,
+              help="INT8 Q/DQ placement instead of the backend's own (e.g. TensorRT's, "
+                   "simulated on ONNX Runtime).")
+@click.option("--input", "input_format", type=click.Choice(["float32-nchw", "uint8-nhwc"]),
+              default="float32-nchw", show_default=True,
+              help="What the engine takes: preprocessed float32 NCHW images, or uint8 NHWC "
+                   "pixels (resized and cropped; scaling, mean/std and layout in the graph).")
 @click.option("--threads", type=int, default=None, metavar="N", help="CPU threads.")
 @click.option("--out", required=True, metavar="engines/NAME",
               help="Engine folder to write (an earlier engine there is replaced).")
-def build(model, precision, calibration, backend, max_batch, max_top1_drop, calibration_data,
-          threads, out) -> None:
+def build(model, precision, calibration, backend, max_batch, min_agreement, max_top1_drop,
+          calibration_data, confidence, best_effort, placement, input_format, threads,
+          out) -> None:
     """Build an engine folder (backend artifact + engine.json sidecar) from an ONNX model."""
     from alexnet_deploy.build import build_engine
 
     result = build_engine(model, precision, out, calibration=calibration, backend=backend,
                           max_batch=max_batch, max_top1_drop=max_top1_drop,
-                          calibration_data=calibration_data, threads=threads)
+                          calibration_data=calibration_data, threads=threads,
+                          min_agreement=min_agreement, confidence=confidence,
+                          best_effort=best_effort, placement=placement,
+                          input_format=input_format)
     for line in result.summary():
         click.echo(line)
 

@@ -128,6 +128,13 @@ class OpenVinoBackend(Backend):
 
         return ov.__version__
 
+    def rewrite_graph(self, graph: onnx.ModelProto) -> onnx.ModelProto:
+        # one LRN over [2N, C/2, H, W] instead of Split / two LRNs / Concat (exact; measured in
+        # docs/results-int8.md)
+        from alexnet_deploy.rewrite import lrn_fold_towers
+
+        return lrn_fold_towers(graph)
+
     def notes(self, precision: str) -> list[str]:
         if precision == "fp16" and not cpu_supports_fp16():
             return [("this CPU has no FP16 arithmetic: OpenVINO runs the FP16 engine's layers in "
