@@ -89,8 +89,11 @@ def agree(first: str, second: str, photos: str) -> None:
         pa = a.classify(images, top_k=1)
         pb = b.classify(images, top_k=1)
     same = sum(x.indices[0] == y.indices[0] for x, y in zip(pa, pb))
+    # a random-weight model could send every photo to one class, which would agree trivially
+    distinct = len({x.indices[0] for x in pa})
     print(f"top-1 agreement {first} ({a.sidecar.input_format}) vs {second} "
-          f"({b.sidecar.input_format}): {same}/{len(images)} = {100 * same / len(images):.1f}%")
+          f"({b.sidecar.input_format}): {same}/{len(images)} = {100 * same / len(images):.1f}% "
+          f"({distinct} distinct top-1 classes)")
 
 
 def main() -> None:
