@@ -322,10 +322,12 @@ def uint8_nhwc_input(model: onnx.ModelProto, mean: tuple[float, float, float],
     """``model`` taking the decoded, cropped image itself: uint8 ``[N, H, W, 3]`` RGB (a new
     model; apply it last, after precision and backend rewrites, which key on tensor names).
 
-    The preprocessing's arithmetic moves into the graph: ``Transpose`` to NCHW (on the 1-byte
-    codes), ``Cast`` to float, then ``x * 1/(255 std) - mean/std`` per channel as one ``Mul`` and
-    one ``Add``, feeding the tensor the old input fed (renamed ``<input>.float``). The graph input
-    keeps its name. The values equal :meth:`PreprocessSpec.normalize`'s up to float32 rounding
+    The preprocessing's arithmetic moves into the graph: ``Cast`` to float, ``x * 1/(255 std) -
+    mean/std`` per channel as one ``Mul`` and one ``Add`` (channels last), then ``Transpose`` to
+    NCHW, feeding the tensor the old input fed (renamed ``<input>.float``). The graph input keeps
+    its name. Transposing last lets ONNX Runtime's layout optimizer meet its own NHWC transpose
+    of an integer conv1 (measured on the full-size INT8 graph: 10 to 30% faster than transposing
+    the uint8 codes first). The values equal :meth:`PreprocessSpec.normalize`'s up to float32 rounding
     (a few ulps; the fold is one multiply-add instead of a multiply, a subtract and a divide).
 
     Args:
@@ -358,18 +360,18 @@ def uint8_nhwc_input(model: onnx.ModelProto, mean: tuple[float, float, float],
     graph.input.remove(old)
     graph.input.insert(0, new_input)
     std64, mean64 = np.asarray(std, np.float64), np.asarray(mean, np.float64)
-    scale = (1.0 / (255.0 * std64)).astype(np.float32).reshape(1, 3, 1, 1)
-    shift = (-mean64 / std64).astype(np.float32).reshape(1, 3, 1, 1)
+    scale = (1.0 / (255.0 * std64)).astype(np.float32)
+    shift = (-mean64 / std64).astype(np.float32)
     graph.initializer.extend([numpy_helper.from_array(scale, f"{name}.scale"),
                               numpy_helper.from_array(shift, f"{name}.shift")])
     prologue = [
-        helper.make_node("Transpose", [name], [f"{name}.nchw"], name=f"{name}.nchw",
-                         perm=[0, 3, 1, 2]),
-        helper.make_node("Cast", [f"{name}.nchw"], [f"{name}.cast"], name=f"{name}.cast",
+        helper.make_node("Cast", [name], [f"{name}.cast"], name=f"{name}.cast",
                          to=TensorProto.FLOAT),
         helper.make_node("Mul", [f"{name}.cast", f"{name}.scale"], [f"{name}.scaled"],
                          name=f"{name}.scaled"),
-        helper.make_node("Add", [f"{name}.scaled", f"{name}.shift"], [inner], name=inner),
+        helper.make_node("Add", [f"{name}.scaled", f"{name}.shift"], [f"{name}.nhwc"],
+                         name=f"{name}.nhwc"),
+        helper.make_node("Transpose", [f"{name}.nhwc"], [inner], name=inner, perm=[0, 3, 1, 2]),
     ]
     nodes = prologue + list(graph.node)
     del graph.node[:]
