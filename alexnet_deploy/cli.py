@@ -203,6 +203,10 @@ def calibrate(model, data, method, percentile, num_images, batch_size, seed, trt
               help="Images (folder or .npz) an accuracy budget is calibrated and checked on.")
 @click.option("--confidence", type=float, default=0.95, show_default=True, metavar="P",
               help="The budget must hold at this one-sided confidence (0.5: as measured).")
+@click.option("--noise-view", type=float, default=0.4, show_default=True, metavar="SIGMA",
+              help="The budget must also hold on the held-out images with Gaussian noise of "
+                   "this deviation added (images a model was trained on flatter INT8); 0: clean "
+                   "images only.")
 @click.option("--best-effort", is_flag=True,
               help="Build the closest mix when the budget cannot be met (default: fail).")
 @click.option("--placement", type=click.Choice(["cpu", "tensorrt"]), default=None,
@@ -216,8 +220,8 @@ def calibrate(model, data, method, percentile, num_images, batch_size, seed, trt
 @click.option("--out", required=True, metavar="engines/NAME",
               help="Engine folder to write (an earlier engine there is replaced).")
 def build(model, precision, calibration, backend, max_batch, min_agreement, max_top1_drop,
-          calibration_data, confidence, best_effort, placement, input_format, threads,
-          out) -> None:
+          calibration_data, confidence, noise_view, best_effort, placement, input_format,
+          threads, out) -> None:
     """Build an engine folder (backend artifact + engine.json sidecar) from an ONNX model."""
     from alexnet_deploy.build import build_engine
 
@@ -226,7 +230,7 @@ def build(model, precision, calibration, backend, max_batch, min_agreement, max_
                           calibration_data=calibration_data, threads=threads,
                           min_agreement=min_agreement, confidence=confidence,
                           best_effort=best_effort, placement=placement,
-                          input_format=input_format)
+                          input_format=input_format, noise_view=noise_view)
     for line in result.summary():
         click.echo(line)
 

@@ -1043,11 +1043,15 @@ class Budget:
             disagreement with FP32), or None.
         confidence: one of 0.5 (point estimates), 0.8, 0.9, 0.95, 0.975, 0.99: the budget must
             hold at the pessimistic end of that one-sided interval. Defaults to 0.95.
+        views: the images :meth:`measure` receives are this many equal parts (the same images
+            seen differently, e.g. clean and with noise); the budget must hold on each, and the
+            worst part is what is reported. Defaults to 1.
     """
 
     min_agreement: float | None = None
     max_top1_drop: float | None = None
     confidence: float = 0.95
+    views: int = 1
 
     def __post_init__(self) -> None:
         if self.min_agreement is None and self.max_top1_drop is None:
@@ -1062,7 +1066,18 @@ class Budget:
 
     def measure(self, reference: np.ndarray, logits: np.ndarray,
                 labels: np.ndarray | None = None) -> Measure:
-        """``logits`` against the FP32 ``reference`` on the same images."""
+        """``logits`` against the FP32 ``reference`` on the same images (with ``views`` > 1:
+        the worst of the equal parts, by :meth:`shortfall`, then by agreement)."""
+        if self.views > 1:
+            n = len(reference) // self.views
+            parts = [self._measure_one(reference[k * n:(k + 1) * n], logits[k * n:(k + 1) * n],
+                                       None if labels is None else labels[k * n:(k + 1) * n])
+                     for k in range(self.views)]
+            return max(parts, key=lambda m: (self.shortfall(m), -m.agreement_low, m.drop_high))
+        return self._measure_one(reference, logits, labels)
+
+    def _measure_one(self, reference: np.ndarray, logits: np.ndarray,
+                     labels: np.ndarray | None) -> Measure:
         z = _Z[self.confidence]
         ref, got = reference.argmax(1), logits.argmax(1)
         n = len(ref)
@@ -1245,7 +1260,8 @@ def choose_fp32_layers(model: onnx.ModelProto, calibration: Any, images: np.ndar
     sens = layer_sensitivity(model, calibration, images, target, labels, run, reference)
     alone, gain, reference = sens["alone"], sens["gain"], sens["reference"]
     order = sorted(alone, key=lambda n: (-gain[n], -alone[n], list(alone).index(n)))
-    exact = Measure(1.0, 1.0, 0.0, 0.0, len(images))  # all FP32: the reference itself
+    # all FP32: the reference itself
+    exact = Measure(1.0, 1.0, 0.0, 0.0, len(images) // (budget.views if budget else 1))
 
     def judge(logits: np.ndarray) -> Measure:
         if budget is not None:
@@ -1281,7 +1297,7 @@ def choose_fp32_layers(model: onnx.ModelProto, calibration: Any, images: np.ndar
                 budget.max_top1_drop if budget.max_top1_drop is not None else float("inf")),
         final_drop=current.drop, all_int8_drop=sens["all_int8"],
         measure="accuracy drop" if labels is not None else "disagreement",
-        num_images=len(images), target=target, seconds=time.perf_counter() - start,
-        final=current, all_int8=all_int8,
+        num_images=len(images) // (budget.views if budget else 1), target=target,
+        seconds=time.perf_counter() - start, final=current, all_int8=all_int8,
         budget_fits=None if budget is None else budget.fits(current) and not none_int8,
         closest=closest, closest_measure=closest_measure)

@@ -698,3 +698,14 @@ def test_choose_fp32_layers_with_a_budget_reports_what_came_closest(small_model)
     assert not fails.fits and set(fails.fp32_layers) == set(LAYERS)
     assert fails.closest == ["conv1", "fc8", "conv3"]
     assert fails.closest_measure.agreement == 1.0
+
+
+def test_budget_with_views_judges_the_worst_part():
+    clean_ref, clean = _agreeing_logits(500, 0)
+    noisy_ref, noisy = _agreeing_logits(500, 15)  # 97% on the second view
+    reference, logits = np.concatenate([clean_ref, noisy_ref]), np.concatenate([clean, noisy])
+    pooled = Q.Budget(min_agreement=0.97, confidence=0.5).measure(reference, logits)
+    assert pooled.agreement == pytest.approx(0.985) and pooled.num_images == 1000
+    worst = Q.Budget(min_agreement=0.97, confidence=0.5, views=2).measure(reference, logits)
+    assert worst.agreement == pytest.approx(0.97) and worst.num_images == 500
+    assert not Q.Budget(min_agreement=0.98, confidence=0.5, views=2).fits(worst)
