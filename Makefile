@@ -11,13 +11,13 @@ BIN    := $(VENV)/bin
 TORCH  ?= torch==2.13.0
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test lint clean
+.PHONY: demo test lint clean gpu-check
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q "$(TORCH)"
-	$(BIN)/python -m pip install -q -e ".[dev,openvino]"
+	$(BIN)/python -m pip install -q -e ".[dev,openvino,serve]"
 	touch $@
 
 demo: $(STAMP)
@@ -26,11 +26,17 @@ demo: $(STAMP)
 # Two processes: OpenVINO's objects crash the interpreter at shutdown when they share a process
 # with the rest of the suite (tests/backends/test_openvino.py says more).
 test: $(STAMP)
-	$(BIN)/python -m pytest -q -m "not openvino"
-	$(BIN)/python -m pytest -q -m openvino
+	$(BIN)/python -m pytest -q -rs -m "not openvino"
+	$(BIN)/python -m pytest -q -rs -m openvino
+
+# Everything that needs an NVIDIA GPU (GPU tests, CUDA training, TensorRT engines, bench), with
+# one report in gpu-check/gpu-check.md. Install TensorRT and pycuda first (the README's GPU
+# section says how); without them the TensorRT steps are skipped and reported as such.
+gpu-check: $(STAMP)
+	scripts/gpu-check.sh gpu-check
 
 lint: $(STAMP)
 	$(BIN)/ruff check alexnet_deploy tests benchmarks
 
 clean:
-	rm -rf $(VENV) demo-report
+	rm -rf $(VENV) demo-report gpu-check

@@ -20,12 +20,12 @@ Semantics (``docs/bench.md`` has the long form):
   Ratios are against the first target.
 * **Inputs** are real preprocessed images (``--data``; default the synthetic test split) or
   N(0, 1) random data, never zeros, rotated among several distinct input buffers.
-* **GPU runners** may implement two optional hooks (duck-typed; CPU runners have neither):
-  ``bench_options(*, transfers, cuda_graph) -> list[str]`` (called once before warm-up; returns
-  warnings) and ``timings() -> dict[str, float] | None`` (the last ``infer`` call's ``h2d``,
-  ``compute`` and ``d2h`` times in ms from CUDA events). ``--no-transfers`` and
-  ``--cuda-graph`` go to the first hook; on a runner without it they do not apply, and bench says
-  so in one line.
+* **GPU runners** declare what they can do in ``Runner.capabilities`` (CPU runners: nothing):
+  ``"no_transfers"`` (``--no-transfers`` calls ``runner.set_transfers(False)`` before warm-up)
+  and ``"stage_timings"`` (``runner.timings()`` after every timed call: ``h2d``, ``compute``,
+  ``d2h`` in ms from CUDA events, plus ``enqueue``, the host time of the launch). On a runner
+  without ``"no_transfers"`` the flag does not apply, and bench says so in one line. No runner
+  replays CUDA graphs: pycuda 2026.1 has no stream capture (``docs/bench.md``).
 """
 
 from __future__ import annotations
@@ -45,6 +45,7 @@ import numpy as np
 
 from alexnet_deploy.backends import InputMetadata, Runner
 from alexnet_deploy.errors import UserError
+from alexnet_deploy.fileio import check_output
 from alexnet_deploy.preprocess import PreprocessSpec
 
 DEFAULT_BATCH_SIZES = (1, 8, 32)
@@ -57,7 +58,7 @@ POOL_IMAGES = 64  # distinct images loaded from --data
 BUFFER_BYTES = 256 << 20  # input buffers per batch size stay under this (at least 2 buffers)
 MAX_BUFFERS = 4
 PERCENTILES = (50, 90, 95, 99)
-STAGES = ("h2d", "compute", "d2h")
+STAGES = ("h2d", "compute", "d2h", "enqueue")  # what a "stage_timings" runner reports
 
 
 # ---- results ----
@@ -286,17 +287,14 @@ class TorchReferenceRunner(Runner):
     def input_metadata(self) -> InputMetadata:
         return InputMetadata(name="input", chw=self._chw)  # eager PyTorch takes any batch
 
-    def bench_options(self, *, transfers: bool = True, cuda_graph: bool = False) -> list[str]:
-        warnings = []
-        if cuda_graph:
-            warnings.append("--cuda-graph does not apply to the PyTorch reference; ignored")
+    @property
+    def capabilities(self) -> frozenset[str]:  # type: ignore[override]
+        return frozenset({"no_transfers", "stage_timings"}) if self._cuda else frozenset()
+
+    def set_transfers(self, transfers: bool) -> None:
         if not self._cuda:
-            if not transfers:
-                warnings.append("--no-transfers does not apply to the PyTorch reference on CPU "
-                                "(no host-device copies); ignored")
-            return warnings
+            super().set_transfers(transfers)
         self._transfers = transfers
-        return warnings
 
     def infer(self, batch: np.ndarray) -> np.ndarray:
         torch = self._torch
@@ -503,7 +501,7 @@ def interleave_order(n_targets: int, rounds: int) -> list[list[int]]:
 def bench_runners(named_runners: Any, batch_sizes: Sequence[int] = DEFAULT_BATCH_SIZES,
                   duration: float | None = DEFAULT_DURATION_S, iterations: int | None = None,
                   warmup: float = DEFAULT_WARMUP_S, data: Any = None, *,
-                  transfers: bool = True, cuda_graph: bool = False, progress: bool = True,
+                  transfers: bool = True, progress: bool = True,
                   warn: Callable[[str], None] | None = None, host: str | None = None,
                   seed: int = 0) -> list[BenchResult]:
     """Bench runners, interleaved, and return one :class:`BenchResult` per runner, in order.
@@ -521,10 +519,8 @@ def bench_runners(named_runners: Any, batch_sizes: Sequence[int] = DEFAULT_BATCH
             Defaults to 1.0.
         data: inputs, see :class:`InputPool`. Defaults to None (synthetic test images when the
             data layer provides them, else N(0, 1) random data).
-        transfers: False asks GPU runners to time compute only (``--no-transfers``).
-            Defaults to True.
-        cuda_graph: asks GPU runners to replay a captured CUDA graph (``--cuda-graph``).
-            Defaults to False.
+        transfers: False asks GPU runners to keep inputs on the device and skip the logits'
+            copy back (``--no-transfers``). Defaults to True.
         progress: show a progress bar on stderr. Defaults to True.
         warn: where one-line warnings go. Defaults to stderr.
         host: the host description stored in results. Defaults to :func:`host_description`.
@@ -546,11 +542,13 @@ def bench_runners(named_runners: Any, batch_sizes: Sequence[int] = DEFAULT_BATCH
             except UserError as e:
                 raise UserError(f"{t.name}: {e}") from None
     notes: list[list[str]] = [[] for _ in targets]
-    if not transfers or cuda_graph:
-        for t, target_notes in zip(targets, notes):
-            for msg in _apply_bench_options(t, transfers, cuda_graph):
-                warn(msg)
-                target_notes.append(msg)
+    for t, target_notes in zip(targets, notes):
+        msg = _apply_transfers(t, transfers)
+        if msg.startswith("warning: "):
+            warn(msg[9:])
+            msg = msg[9:]
+        if msg:
+            target_notes.append(msg)
 
     pool = InputPool(data, seed=seed)
     metas = [t.runner.input_metadata() for t in targets]
@@ -610,15 +608,20 @@ def bench_runners(named_runners: Any, batch_sizes: Sequence[int] = DEFAULT_BATCH
     return out
 
 
-def _apply_bench_options(t: BenchTarget, transfers: bool, cuda_graph: bool) -> list[str]:
-    hook = getattr(t.runner, "bench_options", None)
-    if hook is not None:
-        return list(hook(transfers=transfers, cuda_graph=cuda_graph) or [])
-    asked = [flag for flag, on in (("--no-transfers", not transfers),
-                                   ("--cuda-graph", cuda_graph)) if on]
-    verb = "does" if len(asked) == 1 else "do"
-    return [(f"{' and '.join(asked)} {verb} not apply to {t.name} ({t.backend} runs on the "
-             "CPU: no host-device copies, no CUDA graphs); ignored")]
+def _apply_transfers(t: BenchTarget, transfers: bool) -> str:
+    """Apply ``--no-transfers`` to one target; return the note saying what its numbers include
+    (GPU runners), a ``"warning: "`` line when the flag does not apply, or ``""``."""
+    caps = t.runner.capabilities
+    if "no_transfers" in caps:
+        t.runner.set_transfers(transfers)
+        what = ("host-device transfers included (H2D + D2H inside each call)" if transfers else
+                "transfers excluded (--no-transfers: inputs resident on the device, logits not "
+                "copied back)")
+        return f"{what}; no CUDA graphs (every call launches its work anew)"
+    if not transfers:
+        return (f"warning: --no-transfers does not apply to {t.name} ({t.backend} runs on the "
+                "CPU: no host-device copies); ignored")
+    return ""
 
 
 def _warm_up(runner: Runner, buffers: list[np.ndarray], seconds: float) -> float:
@@ -640,7 +643,7 @@ def _timed_slice(runner: Runner, buffers: list[np.ndarray], latencies: list[floa
     reaches ``quota``; at least one call in duration mode while under quota. Returns
     (wall seconds, calls)."""
     infer = runner.infer
-    timings = getattr(runner, "timings", None)
+    timings = runner.timings if "stage_timings" in runner.capabilities else None
     k0 = len(latencies)
     nbuf = len(buffers)
     start = time.perf_counter()
@@ -677,12 +680,14 @@ class _Progress:
 
         if iterations is None:
             self.total = round(jobs * (warmup + duration), 2)
-            self.bar = tqdm(total=self.total, unit="s", file=sys.stderr, leave=False,
+            # disable=None: a bar only on a terminal, never in a redirected log
+            self.bar = tqdm(total=self.total, unit="s", file=sys.stderr, leave=False, disable=None,
                             bar_format="{desc}{percentage:3.0f}%|{bar}| {n:.1f}/{total:.1f} s "
                                        "[{elapsed}<{remaining}]")
         else:
             self.total = jobs * iterations
-            self.bar = tqdm(total=self.total, unit="call", file=sys.stderr, leave=False)
+            self.bar = tqdm(total=self.total, unit="call", file=sys.stderr, leave=False,
+                            disable=None)
 
     def update(self, n: float) -> None:
         if self.bar is not None:
@@ -753,7 +758,7 @@ def run_bench(engines: Sequence[str], reference: str | None = None,
               batch_sizes: Sequence[int] = DEFAULT_BATCH_SIZES,
               duration: float | None = None, iterations: int | None = None,
               warmup: float = DEFAULT_WARMUP_S, threads: int | None = None,
-              data: str | None = None, transfers: bool = True, cuda_graph: bool = False,
+              data: str | None = None, transfers: bool = True,
               json_path: str | None = None, report_path: str | None = None,
               echo: Callable[[str], None] = print,
               warn: Callable[[str], None] | None = None) -> list[BenchResult]:
@@ -770,10 +775,16 @@ def run_bench(engines: Sequence[str], reference: str | None = None,
         raise UserError(f"--threads must be >= 1, got {threads}")
     if not engines and not reference:
         raise UserError("nothing to bench: pass --engine ENGINE (and/or --reference CHECKPOINT)")
-    for option, path, example in (("--json", json_path, "bench.json"),
-                                  ("--report", report_path, "report.md")):
-        if path:
-            check_output_path(option, Path(path), example)
+    inputs = {f"--engine {path}": path for path in engines}
+    inputs.update({"--reference": reference, "--data": data})
+    if json_path:
+        check_output(json_path, "--json", "json", inputs=inputs)
+    if report_path:
+        from alexnet_deploy.report import plot_paths
+
+        check_output(report_path, "--report", "text", inputs=inputs)
+        for plot in plot_paths(Path(report_path)):
+            check_output(plot, "--report (its plots)", "png", inputs=inputs, say=None)
 
     targets = engine_targets(engines, threads)
     try:
@@ -783,8 +794,7 @@ def run_bench(engines: Sequence[str], reference: str | None = None,
             for note in notes:
                 echo(note)
         results = bench_runners(targets, sizes, duration=duration, iterations=iterations,
-                                warmup=warmup, data=data, transfers=transfers,
-                                cuda_graph=cuda_graph, warn=warn)
+                                warmup=warmup, data=data, transfers=transfers, warn=warn)
     finally:
         close_targets(targets)
     echo(format_table(results))
@@ -797,18 +807,6 @@ def run_bench(engines: Sequence[str], reference: str | None = None,
         written = write_report(report_path, results)
         echo("wrote " + ", ".join(str(p) for p in written))
     return results
-
-
-def check_output_path(option: str, path: Path, example: str) -> None:
-    """UserError (naming ``option``) unless ``path`` is a file name in a writable folder."""
-    if path.is_dir():
-        raise UserError(f"{option} {path} is a folder: give a file name such as "
-                        f"{path / example}")
-    parent = path.resolve().parent
-    if not parent.is_dir():
-        raise UserError(f"{option} {path}: folder {parent} does not exist: create it first")
-    if not os.access(parent, os.W_OK):
-        raise UserError(f"{option} {path}: folder {parent} is not writable")
 
 
 def format_table(results: Sequence[BenchResult]) -> str:

@@ -36,21 +36,21 @@ what came closest) unless ``best_effort`` (``--best-effort``) builds that closes
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from alexnet_deploy.engine import BUILD_PRECISIONS
 from alexnet_deploy.errors import UserError
+from alexnet_deploy.metadata import LAYER_PRECISION, get_meta
 
 if TYPE_CHECKING:
     import onnx
 
     from alexnet_deploy.engine import EngineSidecar
 
-PRECISIONS = ("fp32", "fp16", "int8")
 # The budgeted INT8 search reads up to CALIBRATION_IMAGES + HELD_OUT_IMAGES of --calibration-data
 # (a seeded random selection): the first part calibrates, the rest chooses the method and the
 # layers. 4,096 held-out images put the 95% bound ~0.25 point under a measured 99% agreement; a
@@ -85,6 +85,8 @@ class BuildResult:
         """The lines ``alexnet-deploy build`` prints."""
         sc = self.sidecar
         batch = (f"{sc.min_batch}..{sc.max_batch}" if sc.max_batch is not None else "any")
+        if sc.opt_batch is not None:
+            batch += f", tuned for {sc.opt_batch}"
         layers = "  ".join(f"{k}={v}" for k, v in sc.layer_precision.items())
         lines = [
             f"engine     {self.path}",
@@ -96,6 +98,8 @@ class BuildResult:
             f"size       {self.size_bytes / 2**20:.1f} MiB ({', '.join(sc.artifacts)})",
             f"build time {sc.build_seconds:.1f} s",
         ]
+        if sc.timing_cache:
+            lines.append(f"cache      {sc.timing_cache} (TensorRT timing cache, read and updated)")
         if self.tuning is not None:
             lines += tuning_lines(self.tuning)
         lines += [f"note       {n}" for n in sc.notes + self.messages]
@@ -137,8 +141,7 @@ def tuning_lines(t: dict[str, Any]) -> list[str]:
 def layer_precision(graph: onnx.ModelProto, float_layers: list[str]) -> dict[str, str]:
     """``conv1`` .. ``fc8`` -> precision, as the quantizer recorded it in the graph's metadata
     (``alexnet_deploy.layer_precision``); layers it does not list are FP32."""
-    props = {p.key: p.value for p in graph.metadata_props}
-    recorded = json.loads(props.get("alexnet_deploy.layer_precision", "{}"))
+    recorded = get_meta(graph, LAYER_PRECISION, {})
     return {name: recorded.get(name, "fp32") for name in float_layers}
 
 
@@ -154,7 +157,9 @@ def build_engine(model_path: str | Path, precision: str, out: str | Path, *,
                  calibration: str | Path | None = None, backend: str = "auto",
                  max_batch: int = 64, max_top1_drop: float | None = None,
                  calibration_data: str | None = None, threads: int | None = None,
-                 progress: bool = True, min_agreement: float | None = None,
+                 progress: bool = True, min_batch: int = 1, opt_batch: int | None = None,
+                 timing_cache: str | Path | None | bool = True,
+                 int8_fallback: str | None = None, min_agreement: float | None = None,
                  confidence: float = 0.95, best_effort: bool = False,
                  placement: str | None = None, input_format: str = "float32-nchw",
                  noise_view: float = STRESS_NOISE) -> BuildResult:
@@ -175,6 +180,16 @@ def build_engine(model_path: str | Path, precision: str, out: str | Path, *,
         threads: CPU threads for the build (ONNX Runtime checks the graph loads). Defaults to
             the backend's choice.
         progress: show a progress bar while reading search images. Defaults to True.
+        min_batch: smallest batch of a TensorRT engine's profile. Defaults to 1.
+        opt_batch: the batch a TensorRT profile is tuned for. Defaults to the power of two
+            nearest the geometric mean of ``min_batch`` and ``max_batch`` (1..64 -> 8; see
+            :func:`~alexnet_deploy.backends.tensorrt.default_opt_batch`).
+        timing_cache: TensorRT timing cache file, read and updated; True for the default
+            (``~/.cache/alexnet-deploy/tensorrt-timing.cache``), False or None for none.
+            Defaults to True.
+        int8_fallback: INT8 only: the precision of what is not quantized, ``fp32`` or ``fp16``
+            (TensorRT only). Defaults to the backend's (TensorRT ``fp16``, CPU backends
+            ``fp32``).
         min_agreement: INT8 only: top-1 agreement with FP32 (0..1) the engine must keep on
             held-out images. Defaults to None.
         confidence: the budget must hold at the pessimistic end of this one-sided confidence
@@ -197,16 +212,28 @@ def build_engine(model_path: str | Path, precision: str, out: str | Path, *,
     from alexnet_deploy.backends import get_backend
     from alexnet_deploy.calibrate import load_calibration, model_input
     from alexnet_deploy.engine import EngineSidecar, engine_dir_atomic, host_info, write_sidecar
-    from alexnet_deploy.fileio import check_writable_dir, sha256_file
-    from alexnet_deploy.metadata import load_onnx, read_model_info
+    from alexnet_deploy.fileio import check_output, sha256_file
+    from alexnet_deploy.metadata import check_alexnet_graph, load_onnx, read_model_info
     from alexnet_deploy.model import LAYERS
-    from alexnet_deploy.quantize import TARGETS, Budget, to_int8, weighted_layers
+    from alexnet_deploy.quantize import TARGETS, Budget, to_int8, to_int8_fp16, weighted_layers
     from alexnet_deploy.rewrite import INPUT_FORMATS, uint8_nhwc_input
 
-    if precision not in PRECISIONS:
-        raise UserError(f"unknown precision {precision!r}: choose one of {', '.join(PRECISIONS)}")
+    if precision not in BUILD_PRECISIONS:
+        raise UserError(f"unknown precision {precision!r}: choose one of "
+                        f"{', '.join(BUILD_PRECISIONS)}")
     if max_batch < 1:
         raise UserError(f"--max-batch must be >= 1, got {max_batch}")
+    if not 1 <= min_batch <= max_batch:
+        raise UserError(f"--min-batch must be between 1 and --max-batch ({max_batch}), got "
+                        f"{min_batch}")
+    if opt_batch is not None and not min_batch <= opt_batch <= max_batch:
+        raise UserError(f"--opt-batch must be between --min-batch ({min_batch}) and "
+                        f"--max-batch ({max_batch}), got {opt_batch}")
+    if int8_fallback not in (None, "fp32", "fp16"):
+        raise UserError(f"--int8-fallback must be fp32 or fp16, got {int8_fallback!r}")
+    if int8_fallback is not None and precision != "int8":
+        raise UserError("--int8-fallback sets what an INT8 engine does not quantize: use it "
+                        "with --precision int8")
     if input_format not in INPUT_FORMATS:
         raise UserError(f"--input {input_format!r}: choose one of {', '.join(INPUT_FORMATS)}")
     if placement is not None and (placement not in TARGETS or precision != "int8"):
@@ -225,17 +252,23 @@ def build_engine(model_path: str | Path, precision: str, out: str | Path, *,
         raise UserError("INT8 needs --calibration FILE (from 'alexnet-deploy calibrate' on this "
                         "model), or an accuracy budget (--min-agreement 0.99 "
                         "--calibration-data PATH) to calibrate and tune for")
-    out = Path(out)
-    check_writable_dir(out)
+    out = check_output(out, "--out", "engine", inputs={
+        "--model": model_path, "--calibration": calibration,
+        "--calibration-data": calibration_data})
     messages: list[str] = []
     if calibration is not None and precision != "int8":
         messages.append(f"--calibration is only used by INT8 builds; ignored for {precision}")
         calibration = None
 
     engine_backend = get_backend(backend)  # before the slow part: fail fast when not installed
+    if int8_fallback == "fp16" and engine_backend.name != "tensorrt":
+        raise UserError(f"--int8-fallback fp16 is a TensorRT setting; {engine_backend.name} runs "
+                        "FP16 through casts on the CPU: use fp32 (the default) there")
+    fallback = int8_fallback or engine_backend.default_int8_fallback
     model_path = Path(model_path)
     model = load_onnx(model_path)
     info = read_model_info(model)
+    check_alexnet_graph(model, info, str(model_path))
     spec = info.preprocess
     input_name, _ = model_input(model, spec, where=str(model_path))
     model_sha = sha256_file(model_path)
@@ -260,7 +293,8 @@ def build_engine(model_path: str | Path, precision: str, out: str | Path, *,
             m = mixed.closest_measure
             text = (f"the budget ({budget.describe()}) cannot be met with any layer in INT8 on "
                     f"{m.num_images} held-out images of {calibration_data}; closest: "
-                    f"{tuning['method']} calibration with {closest} kept in FP32, agreement "
+                    f"{tuning['method']} calibration with {closest} kept in "
+                    f"{fallback.upper()}, agreement "
                     f"{100 * m.agreement:.2f}% (>= {100 * m.agreement_low:.2f}%), top-1 "
                     f"{mixed.measure} {m.drop:.2f} pt (<= {m.drop_high:.2f})")
             if not best_effort:
@@ -270,32 +304,50 @@ def build_engine(model_path: str | Path, precision: str, out: str | Path, *,
             keep_fp32 = list(mixed.closest or [])
             tuning["fits"] = False
             tuning["held_out"] = m.to_dict()
+    make = to_int8_fp16 if fallback == "fp16" else to_int8
     if precision == "int8" and target != engine_backend.qdq_target:
-        graph = to_int8(model, cal, target=target, keep_fp32=tuple(keep_fp32))
+        graph = make(model, cal, target=target, keep_fp32=tuple(keep_fp32))
     else:
-        graph = engine_backend.precision_graph(model, precision, cal, tuple(keep_fp32))
+        graph = engine_backend.precision_graph(model, precision, cal, tuple(keep_fp32),
+                                               fallback)
     per_layer = layer_precision(graph, layers) if precision != "fp32" else \
         {name: "fp32" for name in layers}
     if tuning is not None:
         tuning["layer_precision"] = per_layer
+        tuning["fallback_precision"] = fallback
         speed_images = tuning.pop("_held_out")[:64]
-        tuning["speed"] = (_speed_cost(engine_backend, graph, to_int8(model, cal, target=target),
+        tuning["speed"] = (_speed_cost(engine_backend, graph, make(model, cal, target=target),
                                        speed_images, max_batch, threads)
                            if keep_fp32 else {"note": "none: every layer is INT8"})
 
     graph = engine_backend.rewrite_graph(graph)
     if input_format == "uint8-nhwc":
         graph = uint8_nhwc_input(graph, spec.mean, spec.std)
+    profile: dict[str, Any] = {}
+    if engine_backend.fixed_batch_range:  # an optimization profile (TensorRT)
+        from alexnet_deploy.backends.tensorrt import default_opt_batch, default_timing_cache
+
+        cache = default_timing_cache() if timing_cache is True else (timing_cache or None)
+        profile = {"min_batch": min_batch, "timing_cache": cache, "say": messages.append,
+                   "opt_batch": (default_opt_batch(min_batch, max_batch) if opt_batch is None
+                                 else opt_batch)}
+    elif min_batch != 1 or opt_batch is not None:
+        messages.append(f"--min-batch/--opt-batch shape TensorRT profiles; {engine_backend.name} "
+                        "engines take any batch: ignored")
     with engine_dir_atomic(out) as tmp:
-        files = engine_backend.build(graph, tmp, max_batch=max_batch, threads=threads)
+        files = engine_backend.build(graph, tmp, max_batch=max_batch, threads=threads, **profile)
         artifacts = {name: sha256_file(tmp / name) for name in files}
         size = sum((tmp / name).stat().st_size for name in files)
         sidecar = EngineSidecar(
             backend=engine_backend.name, backend_version=engine_backend.version(),
             precision=overall_precision(precision, per_layer), layer_precision=per_layer,
             artifacts=artifacts, preprocess=spec, classes=list(info.classes),
-            input_shape=spec.input_shape, input_name=input_name, min_batch=1,
+            input_shape=spec.input_shape, input_name=input_name,
+            min_batch=profile.get("min_batch", 1),
             max_batch=max_batch if engine_backend.fixed_batch_range else None,
+            opt_batch=profile.get("opt_batch"),
+            timing_cache=(str(profile["timing_cache"]) if profile.get("timing_cache")
+                          else None),
             placement=target if precision == "int8" else None,
             model_sha256=model_sha, calibration_sha256=(sha256_file(calibration)
                                                         if calibration is not None else None),
@@ -303,7 +355,9 @@ def build_engine(model_path: str | Path, precision: str, out: str | Path, *,
             build_seconds=time.perf_counter() - start,
             built_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
             host=host_info(**engine_backend.device_info()),
-            notes=engine_backend.notes(precision),
+            notes=engine_backend.notes(precision) + (
+                [("INT8 with FP16 elsewhere: what is not quantized runs in FP16, LRN and "
+                  "softmax in FP32")] if precision == "int8" and fallback == "fp16" else []),
             input_format=input_format,
             tuning=tuning,
         )
@@ -417,8 +471,8 @@ def tune_int8(model: onnx.ModelProto, calibration: Any, data: str, spec: Any,
         "held_out": mixed.final.to_dict(),
         "layers": [{"name": r.name, "drop_alone": round(r.drop_alone, 4),
                     "gain_if_fp32": round(r.gain_if_fp32, 4)} for r in mixed.layers],
-        # CPU backends run a float layer fastest in FP32; TensorRT would run it in FP16, which
-        # needs the "INT8 with FP16 elsewhere" graph (not this one)
+        # the search runs kept layers in FP32; the engine in its --int8-fallback (set by
+        # build_engine: FP16 on TensorRT, FP32 on the CPU backends)
         "fallback_precision": "fp32",
         "fits": mixed.fits,
         "seconds": round(time.perf_counter() - start, 1),
@@ -470,7 +524,7 @@ def _search_logits(graph: onnx.ModelProto, images: Any, batch_size: int = 64) ->
     form (the search runs the model about twice per layer; native LRN would double its time)."""
     import numpy as np
 
-    from alexnet_deploy.backends.onnxruntime import cpu_session
+    from alexnet_deploy.onnxrt import cpu_session
     from alexnet_deploy.rewrite import lrn_for_onnxruntime
 
     session = cpu_session(lrn_for_onnxruntime(graph).SerializeToString())

@@ -20,6 +20,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
+from contextlib import closing
 from dataclasses import dataclass, field
 from pathlib import Path
 from queue import Full, Queue
@@ -27,22 +28,27 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from alexnet_deploy.calibrators import HistogramCollector, NonFiniteActivation, make_calibrator
+from alexnet_deploy.calibrators import (
+    INT8_MAX,
+    HistogramCollector,
+    NonFiniteActivation,
+    make_calibrator,
+)
 from alexnet_deploy.errors import UserError
 from alexnet_deploy.fileio import (
-    check_writable_dir,
+    check_output,
     sha256_file,
     write_json_atomic,
     write_text_atomic,
 )
 from alexnet_deploy.metadata import load_onnx, read_model_info
+from alexnet_deploy.onnxrt import cpu_session
 from alexnet_deploy.preprocess import PreprocessSpec
 
 if TYPE_CHECKING:
     import onnx
 
 FORMAT = "alexnet-deploy/calibration/1"
-INT8_MAX = 127
 
 
 @dataclass
@@ -168,8 +174,17 @@ def trt_version_number(version: str) -> int:
 def default_trt_version() -> str:
     """The installed TensorRT's version if it is 10 or older (read from package metadata,
     nothing imported), else :data:`DEFAULT_TRT_VERSION`."""
+    return trt_header_version(None)[0]
+
+
+def trt_header_version(given: str | None) -> tuple[str, str]:
+    """``(version, why)``: the TensorRT version a calibration cache header names, and why that
+    one: ``given`` (``--trt-version``), else the installed TensorRT 10 or older, else
+    :data:`DEFAULT_TRT_VERSION` (TensorRT 11 reads no calibration caches)."""
     from importlib import metadata
 
+    if given:
+        return given, "given with --trt-version"
     for dist in _TRT_DISTRIBUTIONS:
         try:
             installed = metadata.version(dist)
@@ -177,8 +192,10 @@ def default_trt_version() -> str:
             continue
         major = installed.split(".")[0]
         if major.isdigit() and int(major) <= 10:
-            return installed
-    return DEFAULT_TRT_VERSION
+            return installed, f"the installed {dist}"
+        return DEFAULT_TRT_VERSION, (f"the newest TensorRT 10: the installed {dist} {installed} "
+                                     "reads no calibration caches")
+    return DEFAULT_TRT_VERSION, "the newest TensorRT 10: no TensorRT is installed here"
 
 
 def trt_cache_text(scales: dict[str, float], version: str = DEFAULT_TRT_VERSION) -> str:
@@ -253,35 +270,27 @@ def _session(model: onnx.ModelProto, outputs: list[str]):
     """An ONNX Runtime CPU session returning ``outputs``. Graph optimizations are off, so that
     every intermediate tensor exists under its own name."""
     import onnx
-    import onnxruntime as ort
 
     augmented = onnx.ModelProto()
     augmented.CopyFrom(model)
     present = {o.name for o in augmented.graph.output}
     augmented.graph.output.extend(onnx.ValueInfoProto(name=n) for n in outputs
                                   if n not in present)
-    options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    options.log_severity_level = 3
-    # ONNX Runtime's threads would spin between runs, taking the cores that decoding and
-    # histogramming (running beside it, see collect_activations) need: measured 20% slower
-    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    try:
-        return ort.InferenceSession(augmented.SerializeToString(), options,
-                                    providers=["CPUExecutionProvider"])
-    except Exception as e:  # onnxruntime raises its own exception types
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise UserError(f"ONNX Runtime cannot run the model ({reason}): re-export it") from e
+    # as written (no fusions), so every tensor is observed where the quantizer will place Q/DQ
+    return cpu_session(augmented, optimize=False, what="the model for calibration")
 
 
 _DONE = object()
 
 
-def _background(items: Iterable, depth: int) -> Iterator:
+def _background(items: Iterable, depth: int, on_stop: Callable[[], None] | None = None
+                ) -> Iterator:
     """``items``, produced by a background thread at most ``depth`` items ahead.
 
-    An exception in the thread is raised here; leaving the loop early stops the thread (and
-    closes ``items``, so a chain of these stops from the end).
+    An exception in the thread is raised here. Closing the generator (leaving the loop early:
+    use :func:`contextlib.closing`, so that it happens then and not when the traceback is freed)
+    stops the thread, waits for it, and closes ``items``, so a chain of these stops from the end.
+    ``on_stop``, if given, is called first: it should cut short the item being produced.
     """
     queue: Queue = Queue(depth)
     stop = threading.Event()
@@ -307,7 +316,8 @@ def _background(items: Iterable, depth: int) -> Iterator:
             if hasattr(items, "close"):
                 items.close()
 
-    threading.Thread(target=produce, daemon=True, name="calibrate-prefetch").start()
+    worker = threading.Thread(target=produce, daemon=True, name="calibrate-prefetch")
+    worker.start()
     try:
         while (item := queue.get()) is not _DONE:
             if isinstance(item, BaseException):
@@ -315,6 +325,11 @@ def _background(items: Iterable, depth: int) -> Iterator:
             yield item
     finally:
         stop.set()
+        if on_stop is not None:
+            on_stop()
+        # wait for the producer to finish its item: one still inside ONNX Runtime when the
+        # interpreter exits (Ctrl-C) aborts it with "terminate called without an active exception"
+        worker.join()
 
 
 @dataclass
@@ -350,16 +365,23 @@ def collect_activations(model: onnx.ModelProto, batches: Iterable[np.ndarray], *
     tensors = activation_tensors(model) if tensors is None else tensors
     input_name, fixed_batch = model_input(model)
     session = _session(model, tensors)
+    import onnxruntime as ort
+
+    run_options = ort.RunOptions()
+
+    def terminate() -> None:  # stops a model run in flight (Ctrl-C), so closing need not wait
+        run_options.terminate = True
 
     def run(batches: Iterable[np.ndarray]) -> Iterator[tuple[int, list[np.ndarray]]]:
         for batch in batches:
             n = len(batch)
             if not fixed_batch or n == fixed_batch:
-                yield n, session.run(tensors, {input_name: batch})
+                yield n, session.run(tensors, {input_name: batch}, run_options)
                 continue
             # a fixed-batch model: pad with copies of the last image, then drop the padding
             pad = np.repeat(batch[-1:], fixed_batch - n, axis=0)
-            outputs = session.run(tensors, {input_name: np.concatenate([batch, pad])})
+            outputs = session.run(tensors, {input_name: np.concatenate([batch, pad])},
+                                  run_options)
             yield n, [v[:n] if v.ndim and v.shape[0] == fixed_batch else v for v in outputs]
 
     histograms: dict[str, HistogramCollector] = {}
@@ -369,22 +391,31 @@ def collect_activations(model: onnx.ModelProto, batches: Iterable[np.ndarray], *
     # batch ahead, so about three batches of activations are in memory at once
     # disable=None: tqdm stays quiet when stderr is not a terminal (logs, CI)
     with tqdm(total=total, unit="img", desc="calibrate", disable=None if progress else True,
-              dynamic_ncols=True, leave=False, file=sys.stderr) as bar:
-        for n, outputs in _background(run(_background(batches, 2)), 1):
-            for name, value in zip(tensors, outputs):
-                if not np.issubdtype(value.dtype, np.floating):
-                    continue
-                hist = histograms.setdefault(name, HistogramCollector())
-                try:
-                    hist.update(value)
-                except NonFiniteActivation as e:
-                    raise UserError(
-                        f"activation {name!r} holds NaN or Inf ({e}) on calibration images "
-                        f"{seen}..{seen + n - 1}: check the model's weights (re-export it) and "
-                        "the images") from None
+              dynamic_ncols=True, leave=False, file=sys.stderr) as bar, \
+            closing(_background(batches, 2)) as decoded, \
+            closing(_background(run(decoded), 1, on_stop=terminate)) as results:
+        for n, outputs in results:
+            _histogram(histograms, tensors, outputs, seen, n)
             seen += n
             bar.update(n)
     return ActivationStats(histograms, seen, time.perf_counter() - start)
+
+
+def _histogram(histograms: dict[str, HistogramCollector], tensors: list[str],
+               outputs: list[np.ndarray], first: int, n: int) -> None:
+    """Add one batch's activations (``outputs``, in ``tensors`` order) to ``histograms``;
+    images ``first .. first + n - 1`` are named when an activation holds NaN or Inf."""
+    for name, value in zip(tensors, outputs):
+        if not np.issubdtype(value.dtype, np.floating):
+            continue
+        hist = histograms.setdefault(name, HistogramCollector())
+        try:
+            hist.update(value)
+        except NonFiniteActivation as e:
+            raise UserError(
+                f"activation {name!r} holds NaN or Inf ({e}) on calibration images "
+                f"{first}..{first + n - 1}: check the model's weights (re-export it) "
+                "and the images") from None
 
 
 # ---- the stage ----
@@ -434,16 +465,19 @@ def calibrate(model: str | Path, data: str | Path, out: str | Path, *,
     if out.suffix.lower() != ".json":
         raise UserError(f"--out {out} must end in .json (the TensorRT cache is written beside it "
                         "as NAME.cache)")
-    check_writable_dir(out)
     cache_path = out.with_suffix(".cache")
+    inputs = {"--model": model, "--data": data}
+    # an earlier calibration at --out is reused or replaced below, which says so itself
+    check_output(out, "--out", "calibration", inputs=inputs, say=None)
+    check_output(cache_path, "--out (its NAME.cache)", "cache", inputs=inputs, say=None)
     if num_images < 1 or batch_size < 1:
         raise UserError(f"--num-images ({num_images}) and --batch-size ({batch_size}) must be >= 1")
     if percentile is not None and method != "percentile":
         raise UserError(f"--percentile is an option of --method percentile, not {method}")
     calibrator = make_calibrator(method, **({} if percentile is None else
                                             {"percentile": percentile}))
-    trt_version = trt_version or default_trt_version()
-    trt_version_number(trt_version)
+    trt_version, trt_why = trt_header_version(trt_version)
+    header = trt_version_number(trt_version)
 
     model = Path(model)
     proto = load_onnx(model, load_weights=False)
@@ -484,9 +518,6 @@ def calibrate(model: str | Path, data: str | Path, out: str | Path, *,
     if stats.num_images == 0:
         raise UserError(f"no readable images in {data} ({skipped.count} unreadable): "
                         "calibration needs real images of the kind the model will see")
-    if skipped.count:
-        say(f"note: skipped {skipped.count} unreadable images; calibrated on "
-            f"{stats.num_images}")
 
     amax, all_zero = amax_table(stats.histograms, calibrator)
     if all_zero:
@@ -502,9 +533,10 @@ def calibrate(model: str | Path, data: str | Path, out: str | Path, *,
     write_text_atomic(cache_path, trt_cache_text(_scales(calibration), trt_version))
     write_json_atomic(out, calibration.to_dict())
     seconds = time.perf_counter() - t0
-    say(f"calibrated {len(amax)} tensors on {stats.num_images} images with {method} in "
+    unreadable = f" ({skipped.count} unreadable skipped)" if skipped.count else ""
+    say(f"calibrated {len(amax)} tensors on {stats.num_images} images{unreadable} with {method} in "
         f"{seconds:.1f} s (model runs and histograms {stats.seconds:.1f} s) -> {out}, "
-        f"{cache_path.name} (TensorRT {trt_version})")
+        f"{cache_path.name} (its header TRT-{header} names TensorRT {trt_version}, {trt_why})")
     return calibration
 
 

@@ -37,6 +37,9 @@ import numpy as np
 
 from alexnet_deploy.errors import UserError
 
+#: the largest magnitude of a symmetric int8 code; a tensor's scale is ``amax / INT8_MAX``
+INT8_MAX = 127
+
 NUM_BINS = 2048
 _CHUNK = 1 << 16  # elements histogrammed at a time: the temporaries stay in L2 cache
 _local = threading.local()

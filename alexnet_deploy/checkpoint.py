@@ -31,7 +31,7 @@ from typing import Any
 import torch
 
 from alexnet_deploy.errors import UserError
-from alexnet_deploy.fileio import atomic_path, sha256_file
+from alexnet_deploy.fileio import KIND_NAMES, atomic_path, file_kind, sha256_file
 from alexnet_deploy.model import (
     AlexNet,
     AlexNetConfig,
@@ -100,10 +100,14 @@ def load_torch_file(path: Path, what: str, *, missing: str, corrupt: str) -> Any
     ``path`` when the file is missing (hint ``missing``) or unreadable (hint ``corrupt``)."""
     if not path.is_file():
         raise UserError(f"{what} {path} does not exist: {missing}")
+    kind = file_kind(path)
+    if kind != "checkpoint":  # torch.load's own errors on such a file are tracebacks or riddles
+        raise UserError(f"{what} {path} is not a PyTorch file (it is {KIND_NAMES[kind]}): "
+                        f"{missing}")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except (RuntimeError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile, OSError,
-            ValueError) as e:
+            ValueError, IndexError, KeyError) as e:
         raise UserError(f"{what} {path} is corrupt or not a PyTorch file ({_first_line(e)}): "
                         f"{corrupt}") from e
 

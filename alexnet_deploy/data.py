@@ -31,6 +31,7 @@ import csv
 import functools
 import hashlib
 import importlib.resources
+import signal
 import sys
 import zipfile
 from collections.abc import Iterator, Sequence
@@ -44,6 +45,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from alexnet_deploy.errors import UserError
+from alexnet_deploy.fileio import KIND_NAMES, file_kind
 from alexnet_deploy.preprocess import DECODE_ERRORS, PreprocessSpec, to_rgb
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
@@ -202,6 +204,11 @@ def load_npz(path: Path | str) -> ArrayDataset:
     if not path.is_file():
         raise UserError(f"data file {path} does not exist: pass an .npz, an image folder or "
                         "synthetic:train")
+    kind = file_kind(path)
+    if kind != "npz":  # numpy would answer with its allow_pickle hint
+        raise UserError(f"data file {path} is not an .npz archive (it is {KIND_NAMES[kind]}): "
+                        "pass one written by numpy.savez with 'images' uint8 [N,H,W,3] and "
+                        "'labels' [N], an image folder or synthetic:train")
     try:
         with np.load(path, allow_pickle=False) as npz:
             missing = [k for k in ("images", "labels") if k not in npz.files]
@@ -487,12 +494,19 @@ def _decode(dataset: ImageDataset, transform, indices: Sequence[int] | None, bat
         workers = 0
     loader = DataLoader(_Decoded(dataset, transform, indices), batch_size=batch_size,
                         num_workers=workers, collate_fn=_collate,
-                        persistent_workers=False, prefetch_factor=4 if workers else None)
+                        persistent_workers=False, prefetch_factor=4 if workers else None,
+                        worker_init_fn=_ignore_interrupt)
     for arrays, labels, index, bad in loader:
         for i, reason in bad:
             skipped.add(i, reason)
         if arrays is not None:
             yield arrays, labels, index
+
+
+def _ignore_interrupt(worker_id: int) -> None:
+    """Decode processes ignore Ctrl-C: the main process stops them. (Interrupted themselves,
+    they hang on their queues and the loader waits 5 s for each before killing it.)"""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def default_workers() -> int:

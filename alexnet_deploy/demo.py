@@ -21,9 +21,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from alexnet_deploy.engine import BUILD_PRECISIONS
 from alexnet_deploy.errors import UserError
-
-PRECISIONS = ("fp32", "fp16", "int8")
 
 
 @dataclass
@@ -155,8 +154,8 @@ def run_demo(cfg: DemoConfig, say: Callable[[str], None] = print) -> DemoResult:
               num_images=cfg.calibration_images, say=lambda m: say(f"  {m}"))
 
     engines: dict[str, Path] = {}
-    say(f"[4/{steps}] build  {', '.join(PRECISIONS)} with backend {cfg.backend}")
-    for precision in PRECISIONS:
+    say(f"[4/{steps}] build  {', '.join(BUILD_PRECISIONS)} with backend {cfg.backend}")
+    for precision in BUILD_PRECISIONS:
         out = root / "engines" / f"{cfg.name}-{precision}"
         built = build_engine(model, precision, out, backend=cfg.backend,
                              calibration=calibration if precision == "int8" else None,
@@ -247,7 +246,42 @@ def summary_lines(result: DemoResult) -> list[str]:
 
 
 def check_config(cfg: DemoConfig) -> None:
+    """Check every option before the first stage: a bad one fails in seconds, not at step 4.
+
+    Raises:
+        UserError: a bad number, recipe, device, backend, data set, or output folder.
+    """
+    from alexnet_deploy.backends import get_backend
+    from alexnet_deploy.data import open_dataset
+    from alexnet_deploy.fileio import check_output
+    from alexnet_deploy.report import plot_paths
+    from alexnet_deploy.train import load_recipe, parse_devices
+
     if cfg.bench_seconds <= 0:
         raise UserError(f"--bench-seconds must be > 0, got {cfg.bench_seconds}")
     if cfg.calibration_images < 1:
         raise UserError(f"--calibration-images must be >= 1, got {cfg.calibration_images}")
+    for name, value in (("--epochs", cfg.epochs), ("--threads", cfg.threads)):
+        if value is not None and value < 1:
+            raise UserError(f"{name} must be >= 1, got {value}")
+    load_recipe(cfg.recipe)
+    if cfg.devices is not None:
+        parse_devices(cfg.devices)  # checked even when a finished run would be reused
+    get_backend(cfg.backend)  # installed and usable here (TensorRT: a GPU)
+    for option, data in (("--data", cfg.data), ("--val-data", cfg.validation_data)):
+        try:
+            open_dataset(data)
+        except UserError as e:
+            raise UserError(f"{option}: {e}") from None
+    root = Path(cfg.root)
+    inputs = {"--data": cfg.data, "--val-data": cfg.val_data}
+    check_output(root / "train" / cfg.name, "the demo's run folder", "run", inputs=inputs,
+                 say=None)
+    check_output(root / "calibration" / f"{cfg.name}-entropy.json", "the demo's calibration",
+                 "calibration", inputs=inputs, say=None)
+    for precision in BUILD_PRECISIONS:
+        check_output(root / "engines" / f"{cfg.name}-{precision}", "the demo's engine",
+                     "engine", inputs=inputs, say=None)
+    report = cfg.report_dir / "report.md"
+    for path, kind in ((report, "text"), *((plot, "png") for plot in plot_paths(report))):
+        check_output(path, "--report-dir", kind, inputs=inputs, say=None)

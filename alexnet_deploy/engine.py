@@ -23,12 +23,14 @@ from, so that it can be checked before it is run and compared with its reference
       "artifacts": {"model.onnx": "<sha256>"},
       "input": {"name": "input", "shape": [3, 227, 227], "dtype": "float32",
                 "layout": "NCHW",                 uint8 + NHWC: --input uint8-nhwc
-                "min_batch": 1, "max_batch": null},   null: any batch size
+                "min_batch": 1, "max_batch": null,    null: any batch size
+                "opt_batch": null},                   TensorRT: the batch the profile is tuned for
       "output": {"name": "logits", "num_classes": 10},
       "preprocess": {...PreprocessSpec...},
       "classes": [...],
       "build": {"seconds": 1.9, "timestamp": "2026-...Z",
-                "host": {"hostname": ..., "platform": ..., "cpu": ..., "gpu": ...}},
+                "host": {"hostname": ..., "platform": ..., "cpu": ..., "gpu": ...},
+                "timing_cache": null},               TensorRT: the timing cache file used
       "notes": [...],
       "tuning": {...}                             accuracy-budgeted INT8 builds only
     }
@@ -61,14 +63,24 @@ from PIL import Image
 
 from alexnet_deploy import __version__
 from alexnet_deploy.errors import UserError
-from alexnet_deploy.fileio import check_writable_dir, make_parent, sha256_file, write_json_atomic
+from alexnet_deploy.fileio import (
+    check_writable_dir,
+    make_parent,
+    remove_stale_temporaries,
+    sha256_file,
+    temporary_prefix,
+    umask,
+    write_json_atomic,
+)
 from alexnet_deploy.preprocess import ImageLike, PreprocessSpec, open_image
 
 FORMAT = "alexnet-deploy/engine/1"
 SIDECAR_NAME = "engine.json"
-PRECISIONS = ("fp32", "fp16", "int8", "mixed")
+#: what ``build --precision`` makes, and what one layer of an engine runs in
+BUILD_PRECISIONS = LAYER_PRECISIONS = ("fp32", "fp16", "int8")
+#: an engine's overall precision: ``mixed`` is INT8 with some layers kept in higher precision
+PRECISIONS = (*BUILD_PRECISIONS, "mixed")
 INPUT_FORMATS = ("float32-nchw", "uint8-nhwc")  # rewrite.INPUT_FORMATS; engine.py imports no onnx
-LAYER_PRECISIONS = ("fp32", "fp16", "int8")
 
 
 @dataclass
@@ -87,6 +99,8 @@ class EngineSidecar:
         input_shape: ``(C, H, W)`` of one input.
         min_batch: smallest batch the engine takes. Defaults to 1.
         max_batch: largest batch it takes; None for any (the CPU backends). Defaults to None.
+        opt_batch: the batch a TensorRT profile is tuned for; None for the CPU backends.
+            Defaults to None.
         placement: the Q/DQ placement target of an INT8 graph (``cpu`` or ``tensorrt``); None
             for FP32/FP16. Defaults to None.
         model_sha256: sha256 of the ONNX model the engine was built from.
@@ -96,6 +110,8 @@ class EngineSidecar:
         build_seconds: wall time of the build.
         built_at: UTC timestamp of the build (ISO 8601).
         host: where it was built: hostname, platform, cpu, and gpu where there is one.
+        timing_cache: the TensorRT timing cache file the build read and updated; None when
+            none was used. Defaults to None.
         output_name: name of the logits output. Defaults to ``"logits"``.
         notes: remarks a user should see with the engine (e.g. how a backend runs FP16).
         version: the alexnet-deploy version that built it.
@@ -117,6 +133,7 @@ class EngineSidecar:
     input_name: str = "input"
     min_batch: int = 1
     max_batch: int | None = None
+    opt_batch: int | None = None
     placement: str | None = None
     model_sha256: str = ""
     calibration_sha256: str | None = None
@@ -126,6 +143,7 @@ class EngineSidecar:
     host: dict[str, str] = field(default_factory=dict)
     output_name: str = "logits"
     notes: list[str] = field(default_factory=list)
+    timing_cache: str | None = None
     version: str = __version__
     input_format: str = "float32-nchw"
     tuning: dict[str, Any] | None = None
@@ -160,12 +178,13 @@ class EngineSidecar:
             "input": {"name": self.input_name, "shape": list(self.input_shape),
                       "dtype": self.input_format.split("-")[0],
                       "layout": self.input_format.split("-")[1].upper(),
-                      "min_batch": self.min_batch, "max_batch": self.max_batch},
+                      "min_batch": self.min_batch, "max_batch": self.max_batch,
+                      "opt_batch": self.opt_batch},
             "output": {"name": self.output_name, "num_classes": self.num_classes},
             "preprocess": self.preprocess.to_dict(),
             "classes": list(self.classes),
             "build": {"seconds": round(self.build_seconds, 3), "timestamp": self.built_at,
-                      "host": dict(self.host)},
+                      "host": dict(self.host), "timing_cache": self.timing_cache},
             "notes": list(self.notes),
             **({"tuning": self.tuning} if self.tuning is not None else {}),
         }
@@ -190,6 +209,8 @@ class EngineSidecar:
                 min_batch=int(d["input"].get("min_batch", 1)),
                 max_batch=(None if d["input"].get("max_batch") is None
                            else int(d["input"]["max_batch"])),
+                opt_batch=(None if d["input"].get("opt_batch") is None
+                           else int(d["input"]["opt_batch"])),
                 placement=d.get("placement"),
                 model_sha256=str(d["source"]["model_sha256"]),
                 calibration_sha256=d["source"].get("calibration_sha256"),
@@ -199,6 +220,7 @@ class EngineSidecar:
                 host={str(k): str(v) for k, v in d["build"].get("host", {}).items()},
                 output_name=str(d.get("output", {}).get("name", "logits")),
                 notes=[str(n) for n in d.get("notes", [])],
+                timing_cache=d["build"].get("timing_cache"),
                 version=str(d.get("alexnet_deploy_version", "")),
                 input_format=(f"{d['input'].get('dtype', 'float32')}-"
                               f"{d['input'].get('layout', 'NCHW').lower()}"),
@@ -286,19 +308,20 @@ def engine_dir_atomic(dest: Path | str) -> Iterator[Path]:
     """
     dest = Path(dest)
     check_writable_dir(dest)
+    remove_stale_temporaries(dest)  # first: it may put back an engine a killed build moved aside
     if dest.exists() and not (dest.is_dir() and (not any(dest.iterdir())
                                                  or sidecar_path(dest).is_file())):
         raise UserError(f"{dest} exists and is not an engine folder: choose another --out or "
                         "remove it")
     make_parent(dest)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=temporary_prefix(dest), suffix=".tmp", dir=dest.parent))
     old: Path | None = None
     try:
         yield tmp
-        os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes it 0700
+        os.chmod(tmp, 0o777 & ~umask())  # mkdtemp makes it 0700
         if dest.exists():
             # rename(2) cannot replace a non-empty folder: move the old engine aside first
-            old = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", suffix=".old",
+            old = Path(tempfile.mkdtemp(prefix=temporary_prefix(dest), suffix=".old",
                                         dir=dest.parent))
             os.replace(dest, old / dest.name)
         os.replace(tmp, dest)
@@ -310,12 +333,6 @@ def engine_dir_atomic(dest: Path | str) -> Iterator[Path]:
         shutil.rmtree(tmp, ignore_errors=True)
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 @dataclass(frozen=True)
@@ -396,12 +413,6 @@ class Engine:
         self.runner.input_metadata().check_batch(batch.shape[0])
         return self.runner.infer(np.ascontiguousarray(batch))
 
-    def _load(self, image: ImageLike, source: str) -> np.ndarray:
-        """One image as this engine takes it: CHW float32, or HWC uint8 pixels."""
-        spec = self.sidecar.preprocess
-        opened = open_image(image, name=source)
-        return spec.crop_uint8(opened) if self.takes_uint8 else spec.load(opened)
-
     def preprocess(self, images: Sequence[ImageLike]) -> np.ndarray:
         """The engine's inputs for ``images`` (paths, encoded bytes, PIL images or uint8 HWC RGB
         arrays), through its stored preprocessing spec: float32 ``[N, C, H, W]``, or for a
@@ -411,8 +422,13 @@ class Engine:
         Raises:
             UserError: naming the first image that cannot be read.
         """
-        return np.stack([self._load(image, _source_label(image, i))
-                         for i, image in enumerate(images)])
+        return np.stack([self._load(image, i) for i, image in enumerate(images)])
+
+    def _load(self, image: ImageLike, position: int) -> np.ndarray:
+        """One image as this engine takes it: CHW float32, or HWC uint8 pixels."""
+        spec = self.sidecar.preprocess
+        opened = open_image(image, _source_label(image, position))
+        return spec.crop_uint8(opened) if self.takes_uint8 else spec.load(opened)
 
     def classify(self, images: ImageLike | Sequence[ImageLike], top_k: int = 5,
                  batch_size: int | None = None) -> list[Prediction]:
@@ -458,7 +474,7 @@ class Engine:
             for i in chunk:
                 source = _source_label(images[i], i)
                 try:
-                    arrays.append(self._load(images[i], source))
+                    arrays.append(self._load(images[i], i))
                 except UserError as e:
                     if on_unreadable is None:
                         raise

@@ -66,8 +66,8 @@ import torch
 
 from alexnet_deploy import __version__
 from alexnet_deploy.data import imagenet1k_classes
-from alexnet_deploy.errors import UserError
-from alexnet_deploy.fileio import atomic_path, check_writable_dir, sha256_file
+from alexnet_deploy.errors import UserError, first_line
+from alexnet_deploy.fileio import atomic_path, check_output, check_writable_dir, sha256_file
 from alexnet_deploy.metadata import INPUT_NAME, OUTPUT_NAME, ModelInfo, write_model_info
 from alexnet_deploy.model import (
     LRN_BETA,
@@ -81,13 +81,15 @@ from alexnet_deploy.model import (
     count_parameters,
     torchvision_to_grouped,
 )
+from alexnet_deploy.onnxrt import cpu_session
 from alexnet_deploy.preprocess import PreprocessSpec
+from alexnet_deploy.quantize import MIN_QDQ_OPSET
 
 if TYPE_CHECKING:
     import onnx
 
 DEFAULT_OPSET = 17
-MIN_OPSET = 13  # QuantizeLinear/DequantizeLinear with per-channel axis (LRN itself is opset 1)
+MIN_OPSET = MIN_QDQ_OPSET  # INT8 needs per-channel Q/DQ (LRN itself is opset 1)
 MAX_OPSET = 21  # the newest opset this project's exporters and backends are tested at
 BATCH_DIM = "N"
 # Parity thresholds (issue 3): max |logit difference| and top-1 must agree on every image.
@@ -302,7 +304,7 @@ def infer_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
     try:
         return onnx.shape_inference.infer_shapes(model, check_type=True, strict_mode=True)
     except onnx.shape_inference.InferenceError as e:
-        raise UserError(f"ONNX shape inference failed on the exported graph: {_first_line(e)}") \
+        raise UserError(f"ONNX shape inference failed on the exported graph: {first_line(e)}") \
             from e
 
 
@@ -342,18 +344,7 @@ class ParityReport:
 
 def ort_session(model: onnx.ModelProto | str | Path, threads: int | None = None):
     """An ONNX Runtime CPU session (all graph optimizations on) for a model or a path."""
-    import onnxruntime as ort
-
-    opts = ort.SessionOptions()
-    if threads:
-        opts.intra_op_num_threads = threads
-    opts.log_severity_level = 3
-    src = model if isinstance(model, (str, Path)) else model.SerializeToString()
-    try:
-        return ort.InferenceSession(str(src) if isinstance(src, Path) else src, opts,
-                                    providers=["CPUExecutionProvider"])
-    except Exception as e:  # onnxruntime raises its own exception types
-        raise UserError(f"ONNX Runtime cannot load the exported model: {_first_line(e)}") from e
+    return cpu_session(model, threads, what="the exported model")
 
 
 def check_parity(onnx_model: onnx.ModelProto | str | Path, reference: torch.nn.Module,
@@ -451,7 +442,7 @@ def _check_file(path: Path) -> None:
     try:
         onnx.checker.check_model(str(path), full_check=True)
     except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as e:
-        raise UserError(f"onnx.checker rejected the exported graph: {_first_line(e)}") from e
+        raise UserError(f"onnx.checker rejected the exported graph: {first_line(e)}") from e
 
 
 def export(source: ExportSource, out: Path | str, *, opset: int = DEFAULT_OPSET,
@@ -508,14 +499,12 @@ def run_export(out: Path | str, *, checkpoint: Path | str | None = None,
     if parity_images < 1:
         raise UserError(f"--parity-images must be >= 1, got {parity_images}")
     check_opset(opset)
-    check_writable_dir(Path(out))  # before the slow part: fail fast on a bad --out
+    # before the slow part: fail fast on an --out that cannot or must not be written
+    check_output(out, "--out", "onnx", inputs={"--checkpoint": checkpoint,
+                                               "--torchvision-weights": torchvision_weights,
+                                               "--parity-data": parity_data})
     source = (source_from_checkpoint(checkpoint) if checkpoint is not None
               else source_from_torchvision(torchvision_weights))
     data = parity_data or DEFAULT_PARITY_DATA
     images = load_parity_images(data, source.preprocess, parity_images)
     return export(source, out, opset=opset, parity_images=images, parity_source=str(data))
-
-
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip().splitlines()
-    return text[0][:200] if text else type(e).__name__

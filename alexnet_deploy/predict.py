@@ -25,7 +25,7 @@ from tqdm import tqdm
 from alexnet_deploy.data import IMAGE_SUFFIXES
 from alexnet_deploy.engine import Prediction, load_engine
 from alexnet_deploy.errors import UserError
-from alexnet_deploy.fileio import check_writable_dir, write_json_atomic
+from alexnet_deploy.fileio import check_output, write_json_atomic
 
 
 @dataclass
@@ -94,11 +94,9 @@ def run_predict(engine: str | Path, inputs: Sequence[str | Path], *, top_k: int 
             more than one batch.
     """
     paths = collect_images(inputs)
-    if json_path is not None:
-        json_path = Path(json_path)
-        if json_path.resolve() in {p.resolve() for p in paths}:
-            raise UserError(f"--json {json_path} is one of the input images: choose another path")
-        check_writable_dir(json_path)  # before the work, not after it
+    if json_path is not None:  # before the work, not after it
+        json_path = check_output(json_path, "--json", "json",
+                                 inputs=[("--engine", engine), *(("IMAGE", p) for p in paths)])
     start = time.perf_counter()
     result = PredictResult(engine=Path(engine), predictions=[])
 

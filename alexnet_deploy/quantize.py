@@ -31,7 +31,7 @@ canonical Q/DQ placement per target:
       Relu; MaxPool, Flatten, LRN ... of such a tensor). Symmetric int8 spends half its codes on
       negative values these tensors never take; uint8 with zero point 0 keeps the same grid
       family (0 exact, no zero-point arithmetic) and spends all 256 codes on ``[0, amax]``, a
-      step half as wide. Measured on a CIFAR-recipe model (docs/results.md): top-1 agreement
+      step half as wide. Measured on a CIFAR-recipe model (docs/notes.md): top-1 agreement
       with FP32 0.978 -> 0.985 (entropy), 0.975 -> 0.988 (minmax). The calibration file keeps
       TensorRT's ``scale = amax/127``; only this placement's uint8 tensors divide by 255.
       It also lets ONNX Runtime drop the Relu and run its u8s8 VNNI / AMX kernels. (On AVX2
@@ -82,7 +82,6 @@ difference, the normal bound on the discordant pairs.
 
 from __future__ import annotations
 
-import json
 import time
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -91,7 +90,12 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
+from alexnet_deploy import metadata as meta
+from alexnet_deploy.calibrators import INT8_MAX
 from alexnet_deploy.errors import UserError
+from alexnet_deploy.graph import LRNBlock, inferred_value_info, lrn_blocks, node_label
+from alexnet_deploy.metadata import get_meta, set_meta
+from alexnet_deploy.onnxrt import ort_logits
 
 if TYPE_CHECKING:
     import onnx
@@ -116,11 +120,9 @@ _NONNEG_ALL_INPUTS = ("Mul", "Div", "Add", "Concat", "Max", "Min", "Sum", "Conv"
                       "MatMul", "Pow")
 FP32_ISLAND_OPS = ("LRN", "Softmax", "LogSoftmax")
 MIN_QDQ_OPSET = 13  # per-channel DequantizeLinear (the axis attribute)
-INT8_MAX = 127
 UINT8_MAX = 255
 _MAX_LRN_REGION = 32  # nodes; a larger "region" is not an LRN block
 _LRN_GEMM_MAX_CHANNELS = 64  # channels-last LRN: banded Gemm window up to this tower width
-META_PREFIX = "alexnet_deploy."
 
 
 # ---------------------------------------------------------------------------------------------
@@ -142,11 +144,6 @@ def _consumers(graph: onnx.GraphProto) -> dict[str, list[onnx.NodeProto]]:
 
 def _initializers(graph: onnx.GraphProto) -> dict[str, onnx.TensorProto]:
     return {t.name: t for t in graph.initializer}
-
-
-def node_label(node: onnx.NodeProto) -> str:
-    """A node's name, or its first output's name when it has none."""
-    return node.name or node.output[0]
 
 
 def opset_version(model: onnx.ModelProto) -> int:
@@ -184,16 +181,6 @@ def _toposort(graph: onnx.GraphProto) -> None:
     graph.node.extend(ordered)
 
 
-def _set_meta(model: onnx.ModelProto, key: str, value: Any) -> None:
-    full, text = META_PREFIX + key, json.dumps(value)
-    for entry in model.metadata_props:
-        if entry.key == full:
-            entry.value = text
-            return
-    entry = model.metadata_props.add()
-    entry.key, entry.value = full, text
-
-
 def _copy(model: onnx.ModelProto) -> onnx.ModelProto:
     import onnx
 
@@ -225,7 +212,7 @@ def lrn_regions(model: onnx.ModelProto) -> list[set[str]]:
     graph = model.graph
     inits = _initializers(graph)
     consumers = _consumers(graph)
-    regions = [set(block.nodes) for block in native_lrn_blocks(model)]
+    regions = [set(block.nodes) for block in lrn_blocks(model)]
     for node in graph.node:
         if node.op_type == "LRN":
             continue
@@ -246,59 +233,6 @@ def lrn_regions(model: onnx.ModelProto) -> list[set[str]]:
         if closed and len(region) <= _MAX_LRN_REGION:
             regions.append(region)
     return regions
-
-
-@dataclass(frozen=True)
-class NativeLRNBlock:
-    """Native LRN applied per channel group: ``Split(axis=1) -> LRN per group -> Concat(axis=1)``
-    (the canonical export's per-tower form), or a lone ``LRN`` (one group)."""
-
-    x: str
-    output: str
-    nodes: tuple[str, ...]  # labels, first to last
-    groups: int
-    size: int
-    alpha: float  # as ONNX's LRN attribute (divided by size in the formula)
-    beta: float
-    bias: float
-
-
-def native_lrn_blocks(model: onnx.ModelProto) -> list[NativeLRNBlock]:
-    """The native LRN blocks of ``model``, in graph order."""
-    from onnx import helper
-
-    graph = model.graph
-    producers, consumers = _producers(graph), _consumers(graph)
-
-    def params(node) -> tuple[int, float, float, float]:
-        a = {x.name: helper.get_attribute_value(x) for x in node.attribute}
-        return (int(a["size"]), float(a.get("alpha", 1e-4)), float(a.get("beta", 0.75)),
-                float(a.get("bias", 1.0)))
-
-    blocks, grouped = [], set()
-    for concat in graph.node:
-        if concat.op_type != "Concat" or any(a.name == "axis" and a.i != 1
-                                             for a in concat.attribute):
-            continue
-        lrns = [producers.get(i) for i in concat.input]
-        if len(lrns) < 2 or any(n is None or n.op_type != "LRN" for n in lrns):
-            continue
-        split = producers.get(lrns[0].input[0])
-        if (split is None or split.op_type != "Split"
-                or any(a.name == "axis" and a.i != 1 for a in split.attribute)
-                or [n.input[0] for n in lrns] != list(split.output)
-                or len({params(n) for n in lrns}) != 1
-                or any(len(consumers.get(o, [])) != 1 for n in [split, *lrns] for o in n.output)):
-            continue
-        blocks.append(NativeLRNBlock(split.input[0], concat.output[0],
-                                     tuple(node_label(n) for n in [split, *lrns, concat]),
-                                     len(lrns), *params(lrns[0])))
-        grouped.update(node_label(n) for n in lrns)
-    for node in graph.node:
-        if node.op_type == "LRN" and node_label(node) not in grouped:
-            blocks.append(NativeLRNBlock(node.input[0], node.output[0], (node_label(node),), 1,
-                                         *params(node)))
-    return blocks
 
 
 def _lrn_nodes(model: onnx.ModelProto) -> set[str]:
@@ -435,7 +369,7 @@ class TensorQuant:
 
 @dataclass
 class Int8Plan:
-    """Where :func:`to_int8` puts Q/DQ pairs (see :func:`int8_plan`)."""
+    """Where :func:`to_int8` puts Q/DQ pairs."""
 
     target: str
     quantized_layers: list[str]
@@ -448,11 +382,6 @@ class Int8Plan:
         order = self.quantized_layers + self.fp32_layers
         return {name: ("int8" if name in self.quantized_layers else "fp32") for name in order}
 
-    def describe(self) -> list[dict]:
-        """One row per quantized activation tensor (reports, sidecars)."""
-        return [{"tensor": q.tensor, "dtype": q.dtype, "scale": q.scale,
-                 "read_by": sorted(q.readers), "why": q.reason}
-                for q in self.activations.values()]
 
 
 class _EveryAmax(dict):
@@ -567,12 +496,6 @@ def _plan_int8(model: onnx.ModelProto, amax: Mapping[str, float], target: str,
                     [layer.name for layer in layers if layer.name in keep], plan, calibrated)
 
 
-def int8_plan(model: onnx.ModelProto, calibration: Any, target: Target = "tensorrt",
-              keep_fp32: Iterable[str] = ()) -> Int8Plan:
-    """The Q/DQ placement :func:`to_int8` applies, without rewriting anything (for reports)."""
-    return _plan_int8(model, _amax_table(calibration), target, keep_fp32)
-
-
 def to_int8(model: onnx.ModelProto, calibration: Any, target: Target = "tensorrt",
             keep_fp32: Iterable[str] = ()) -> onnx.ModelProto:
     """An INT8 copy of ``model``: Q/DQ pairs placed for ``target``, weights stored as int8.
@@ -600,7 +523,7 @@ def to_int8(model: onnx.ModelProto, calibration: Any, target: Target = "tensorrt
 
     if opset_version(model) < MIN_QDQ_OPSET:
         raise UserError(f"INT8 needs opset >= {MIN_QDQ_OPSET} (per-channel DequantizeLinear); "
-                        f"the model has opset {opset_version(model)}: re-export with --opset 13 "
+                        f"the model has opset {opset_version(model)}: re-export with --opset {MIN_QDQ_OPSET} "
                         "or newer")
     plan = _plan_int8(model, _amax_table(calibration), target, keep_fp32)
     out = _copy(model)
@@ -664,9 +587,59 @@ def to_int8(model: onnx.ModelProto, calibration: Any, target: Target = "tensorrt
     graph.node.extend(new_nodes)
     _toposort(graph)
     del graph.value_info[:]  # stale element types; shape inference recomputes them
-    _set_meta(out, "precision", "int8")
-    _set_meta(out, "int8_target", target)
-    _set_meta(out, "layer_precision", plan.layer_precision())
+    set_meta(out, meta.PRECISION, "int8")
+    set_meta(out, meta.INT8_TARGET, target)
+    set_meta(out, meta.LAYER_PRECISION, plan.layer_precision())
+    return out
+
+
+FP16_QDQ_OPSET = 19  # QuantizeLinear / DequantizeLinear with float16 input and scales
+
+
+def to_int8_fp16(model: onnx.ModelProto, calibration: Any, target: Target = "tensorrt",
+                 keep_fp32: Iterable[str] = ()) -> onnx.ModelProto:
+    """INT8 where :func:`to_int8` quantizes, FP16 everywhere else: TensorRT's usual production
+    setting, written into the graph for strongly typed networks.
+
+    :func:`to_int8`'s graph, raised to opset 19 when older (float16 Q/DQ scales need
+    QuantizeLinear-19), then :func:`to_fp16`: the Q/DQ scales become float16, so under strong
+    typing every dequantized tensor, bias, pooling and un-quantized layer runs in FP16. LRN and
+    Softmax blocks stay FP32 between casts, as in :func:`to_fp16` (an FP16 LRN overflows on a
+    trained model's strongest activations). Layers in ``keep_fp32`` are not quantized and so run
+    in FP16, not FP32.
+
+    Args:
+        model: a float32 model, as for :func:`to_int8`. Not modified.
+        calibration: as for :func:`to_int8`.
+        target: the Q/DQ placement. Defaults to ``"tensorrt"``.
+        keep_fp32: layers left unquantized (in FP16 here). Defaults to none.
+
+    Returns:
+        A new model; ``metadata_props`` as :func:`to_int8` writes them, with
+        ``layer_precision`` ``"int8"`` or ``"fp16"`` and ``alexnet_deploy.int8_fallback``
+        ``"fp16"``.
+
+    Raises:
+        UserError: as :func:`to_int8`, or the graph cannot be raised to opset 19.
+    """
+    q = to_int8(model, calibration, target, keep_fp32)
+    recorded = list(q.metadata_props)  # what to_int8 wrote; to_fp16 overwrites some of it
+    if opset_version(q) < FP16_QDQ_OPSET:
+        from onnx import version_converter
+
+        try:
+            q = version_converter.convert_version(q, FP16_QDQ_OPSET)
+        except Exception as e:  # the converter raises bare RuntimeErrors
+            raise UserError(f"INT8 with FP16 needs opset >= {FP16_QDQ_OPSET} and this graph "
+                            f"(opset {opset_version(q)}) cannot be converted ({e}): re-export "
+                            f"with --opset {FP16_QDQ_OPSET}") from e
+    out = to_fp16(q)
+    del out.metadata_props[:]
+    out.metadata_props.extend(recorded)
+    layers = get_meta(out, meta.LAYER_PRECISION)
+    set_meta(out, meta.LAYER_PRECISION, {k: "int8" if v == "int8" else "fp16"
+                                         for k, v in layers.items()})
+    set_meta(out, meta.INT8_FALLBACK, "fp16")
     return out
 
 
@@ -701,13 +674,13 @@ def lrn_channels_last(model: onnx.ModelProto) -> onnx.ModelProto:
     up to float rounding inside the LRN. A block whose input is not such a uint8 Q (its conv kept
     in FP32) gets the same layout on its float input, and the pool keeps its Q/DQ.
 
-    Measured on the full-size model, batch 16, 2 threads (``docs/results-quantize.md``): the INT8
+    Measured on the full-size model, batch 16, 2 threads (``docs/notes.md``): the INT8
     engine runs 1.2x its FP32 engine with the NCHW form and 2.0x with this one at ONNX Runtime's
     default settings, 1.5x and 2.7x with thread spinning off. The FP32 graph is as fast in either
     layout. OpenVINO, whose native LRN is fast, should keep the native block.
 
     Args:
-        model: a graph with native LRN blocks (:func:`native_lrn_blocks`) whose input shapes are
+        model: a graph with native LRN blocks (:func:`alexnet_deploy.graph.lrn_blocks`) whose input shapes are
             known after shape inference. Not modified.
 
     Raises:
@@ -716,7 +689,7 @@ def lrn_channels_last(model: onnx.ModelProto) -> onnx.ModelProto:
     import onnx
     from onnx import helper, numpy_helper
 
-    blocks = native_lrn_blocks(model)
+    blocks = lrn_blocks(model)
     out = _copy(model)
     if not blocks:
         return out
@@ -811,11 +784,11 @@ def lrn_channels_last(model: onnx.ModelProto) -> onnx.ModelProto:
     del graph.initializer[:]
     graph.initializer.extend(kept)
     del graph.value_info[:]
-    _set_meta(out, "lrn_form", "channels_last")
+    set_meta(out, meta.LRN_FORM, "channels_last")
     return out
 
 
-def _integer_lrn_io(model: onnx.ModelProto, block: NativeLRNBlock) -> dict | None:
+def _integer_lrn_io(model: onnx.ModelProto, block: LRNBlock) -> dict | None:
     """For ``Q(s, uint8, 0) -> DQ -> [LRN block] -> MaxPool -> Q(s_pool, uint8, 0) -> DQ``, each
     link the only reader of the one before: the codes tensor, ``s``, the pool, ``s_pool`` and the
     nodes the integer form replaces. None for any other surrounding."""
@@ -862,21 +835,10 @@ def _integer_lrn_io(model: onnx.ModelProto, block: NativeLRNBlock) -> dict | Non
 def _static_shapes(model: onnx.ModelProto, names: Sequence[str]) -> dict[str, list[int]]:
     """Static 4-D shapes of ``names`` (batch may be symbolic: -1), by shape inference on a copy
     whose large initializers are replaced by their dims (fast on the 244 MB model)."""
-    import onnx
 
     known = {v.name: v for v in [*model.graph.value_info, *model.graph.input]}
     if any(n not in known for n in names):
-        skeleton = onnx.ModelProto(ir_version=model.ir_version)
-        skeleton.opset_import.extend(model.opset_import)
-        graph = skeleton.graph
-        graph.node.extend(model.graph.node)
-        graph.input.extend(model.graph.input)
-        graph.output.extend(model.graph.output)
-        for t in model.graph.initializer:
-            if int(np.prod(t.dims)) > 4096:
-                t = onnx.TensorProto(name=t.name, dims=t.dims, data_type=t.data_type)
-            graph.initializer.append(t)
-        inferred = onnx.shape_inference.infer_shapes(skeleton).graph.value_info
+        inferred = inferred_value_info(model)
         known.update({v.name: v for v in inferred})
     shapes = {}
     for name in names:
@@ -990,8 +952,8 @@ def to_fp16(model: onnx.ModelProto, keep_fp32_ops: Sequence[str] = FP32_ISLAND_O
     graph.node.extend(casts)
     _toposort(graph)
     del graph.value_info[:]
-    _set_meta(out, "precision", "fp16")
-    _set_meta(out, "layer_precision", {layer.name: "fp16" for layer in weighted_layers(model)})
+    set_meta(out, meta.PRECISION, "fp16")
+    set_meta(out, meta.LAYER_PRECISION, {layer.name: "fp16" for layer in weighted_layers(model)})
     return out
 
 
@@ -1175,22 +1137,6 @@ def top1_drop(reference_logits: np.ndarray, logits: np.ndarray,
         return 100.0 * float(np.mean(ref != got))
     labels = np.asarray(labels)
     return 100.0 * float(np.mean(ref == labels) - np.mean(got == labels))
-
-
-def ort_logits(model: onnx.ModelProto, images: np.ndarray, batch_size: int = 32,
-               threads: int | None = None) -> np.ndarray:
-    """Run ``model`` on ONNX Runtime's CPU provider over ``images`` (NCHW float32)."""
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    if threads:
-        options.intra_op_num_threads = threads
-    session = ort.InferenceSession(model.SerializeToString(), options,
-                                   providers=["CPUExecutionProvider"])
-    name = session.get_inputs()[0].name
-    return np.concatenate([session.run(None, {name: images[i:i + batch_size]})[0]
-                           for i in range(0, len(images), batch_size)])
 
 
 Runner = Callable[["onnx.ModelProto", np.ndarray], np.ndarray]

@@ -129,14 +129,15 @@ def results_rows(results: Sequence[BenchResult]) -> list[dict[str, Any]]:
 
 
 def stage_rows(results: Sequence[BenchResult]) -> list[dict[str, Any]]:
-    """GPU runners' H2D / compute / D2H medians (empty when no runner reported them)."""
+    """GPU runners' H2D / compute / D2H medians and the enqueue (launch) time (empty when no
+    runner reported them)."""
     rows = []
     for res in results:
         for r in res.results:
             if r.stages_ms:
                 row = {"engine": res.name, "batch": r.batch_size}
                 for key, label in (("h2d", "H2D p50 ms"), ("compute", "compute p50 ms"),
-                                   ("d2h", "D2H p50 ms")):
+                                   ("d2h", "D2H p50 ms"), ("enqueue", "enqueue p50 ms")):
                     row[label] = r.stages_ms[key].p50 if key in r.stages_ms else None
                 rows.append(row)
     return rows
@@ -302,6 +303,12 @@ def _save(fig: Any, dest: Path) -> None:
 
 # ---- the report ----
 
+def plot_paths(path_md: Path) -> tuple[Path, Path]:
+    """The throughput and latency plots :func:`write_report` puts beside ``path_md``."""
+    return (path_md.with_name(f"{path_md.stem}-throughput.png"),
+            path_md.with_name(f"{path_md.stem}-latency.png"))
+
+
 def write_report(path_md: Path | str, results: Sequence[BenchResult] = (),
                  extra_tables: Sequence[Section | tuple] = (), *, title: str = DEFAULT_TITLE,
                  intro: str = "") -> list[Path]:
@@ -330,13 +337,11 @@ def write_report(path_md: Path | str, results: Sequence[BenchResult] = (),
         raise UserError(f"cannot write report {path_md}: {e}") from None
     results = list(results)
     extra = [_as_section(s) for s in extra_tables]
-    stem = path_md.stem
     plots = []
     written = []
     try:
         if results:
-            throughput = path_md.with_name(f"{stem}-throughput.png")
-            latency = path_md.with_name(f"{stem}-latency.png")
+            throughput, latency = plot_paths(path_md)
             plot_throughput(results, throughput)
             plot_latency(results, latency)
             plots = [("Throughput vs batch size", throughput.name),

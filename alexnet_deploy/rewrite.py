@@ -8,7 +8,7 @@ for equivalence with the canonical graph on ONNX Runtime (``tests/test_rewrite.p
 ``lrn_for_onnxruntime``
 -----------------------
 ONNX Runtime's CPU ``LRN`` kernel is slow: in a profile of the canonical graph it takes about
-half of all kernel time (``docs/results-export.md``). This rewrite replaces each LRN block (``Split -> LRN per tower -> Concat``, or a lone ``LRN``) by::
+half of all kernel time (``docs/results.md``). This rewrite replaces each LRN block (``Split -> LRN per tower -> Concat``, or a lone ``LRN``) by::
 
     sq   = Mul(x, x)                        lrnK.sq
     d    = Conv1x1(sq, W, bias=k, group=G)  lrnK.window   W: alpha/size on a band |i-j| <= size/2
@@ -23,7 +23,7 @@ exactly like the per-tower LRN. The bias ``k`` rides in the convolution's bias. 
 replaces ``Pow(d, 0.75)`` because ONNX Runtime's ``Pow`` calls ``std::pow`` per element, which
 costs more than the three vectorized passes; other betas use ``Sqrt`` (0.5) or ``Pow``.
 
-Measured alternatives (all exact to below 1e-6 relative; figures in ``docs/results-export.md``):
+Measured alternatives (all exact to below 1e-6 relative; figures in ``docs/notes.md``):
 native ``LRN``; torch.onnx.export's pad/avg-pool/pow/div decomposition; ``Pow``-based forms;
 ``Div(Div(x, s), q)``; ``Pow(q, 3)`` for the power; and the same form with ``x`` pre-scaled by
 ``sqrt(alpha/size)`` before squaring (``prescale=True``). Pre-scaling keeps ``x**2`` finite in
@@ -43,83 +43,18 @@ A graph rewritten first is still recognised by :func:`alexnet_deploy.quantize.lr
 
 from __future__ import annotations
 
-import json
-from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import numpy as np
 
+from alexnet_deploy.graph import inferred_value_info, lrn_blocks, node_label
+from alexnet_deploy.metadata import REWRITES, get_meta, set_meta
+
 if TYPE_CHECKING:
     import onnx
 
-REWRITES_KEY = "alexnet_deploy.rewrites"  # metadata_props: JSON list of rewrites applied
+    from alexnet_deploy.graph import LRNBlock
 
-
-@dataclass(frozen=True)
-class LRNBlock:
-    """One LRN applied per channel group: ``x`` -> ``output``, made of ``nodes`` (names)."""
-
-    x: str
-    output: str
-    nodes: tuple[str, ...]
-    groups: int
-    size: int
-    alpha: float
-    beta: float
-    bias: float
-
-
-def find_lrn_blocks(model: onnx.ModelProto) -> list[LRNBlock]:
-    """The LRN blocks of ``model``: ``Split(axis=1) -> LRN each -> Concat(axis=1)`` over equal
-    channel groups (the canonical per-tower form), or a lone ``LRN`` (one group)."""
-    from onnx import helper, numpy_helper
-
-    nodes = list(model.graph.node)
-    producer = {out: n for n in nodes for out in n.output}
-    consumers: dict[str, list] = {}
-    for n in nodes:
-        for i in n.input:
-            consumers.setdefault(i, []).append(n)
-    inits = {t.name: t for t in model.graph.initializer}
-
-    def attrs(node) -> dict:
-        return {a.name: helper.get_attribute_value(a) for a in node.attribute}
-
-    def lrn_params(node) -> tuple:
-        a = attrs(node)
-        return (int(a["size"]), float(a.get("alpha", 1e-4)), float(a.get("beta", 0.75)),
-                float(a.get("bias", 1.0)))
-
-    blocks, grouped = [], set()
-    for concat in nodes:
-        if concat.op_type != "Concat" or attrs(concat).get("axis") != 1:
-            continue
-        lrns = [producer.get(i) for i in concat.input]
-        if len(lrns) < 2 or any(n is None or n.op_type != "LRN" for n in lrns):
-            continue
-        split = producer.get(lrns[0].input[0])
-        if (split is None or split.op_type != "Split" or attrs(split).get("axis", 0) != 1
-                or [n.input[0] for n in lrns] != list(split.output)):
-            continue
-        if len(split.input) > 1 and split.input[1]:  # explicit sizes: only equal ones are groups
-            sizes = numpy_helper.to_array(inits[split.input[1]]) if split.input[1] in inits \
-                else None
-            if sizes is None or len(set(sizes.tolist())) != 1:
-                continue
-        params = {lrn_params(n) for n in lrns}
-        single_use = all(len(consumers.get(o, [])) == 1 for n in lrns for o in n.output) and \
-            all(len(consumers.get(o, [])) == 1 for o in split.output)
-        if len(params) != 1 or not single_use:
-            continue
-        size, alpha, beta, bias = params.pop()
-        blocks.append(LRNBlock(split.input[0], concat.output[0],
-                               (split.name, *(n.name for n in lrns), concat.name), len(lrns),
-                               size, alpha, beta, bias))
-        grouped.update(n.name for n in lrns)
-    for n in nodes:
-        if n.op_type == "LRN" and n.name not in grouped:
-            blocks.append(LRNBlock(n.input[0], n.output[0], (n.name,), 1, *lrn_params(n)))
-    return blocks
 
 
 def lrn_window(channels: int, groups: int, size: int, scale: float) -> np.ndarray:
@@ -152,7 +87,7 @@ def lrn_for_onnxruntime(model: onnx.ModelProto, *, prescale: bool = False
 
     out = onnx.ModelProto()
     out.CopyFrom(model)
-    blocks = find_lrn_blocks(model)
+    blocks = lrn_blocks(model)
     inputs = _lrn_inputs(model, [b.x for b in blocks]) if blocks else {}
     # the constants below are float32: a float16 LRN (not made by this project) stays native
     blocks = [b for b in blocks if inputs[b.x][1] == onnx.TensorProto.FLOAT]
@@ -196,7 +131,7 @@ def lrn_for_onnxruntime(model: onnx.ModelProto, *, prescale: bool = False
     out.graph.initializer.extend(new_inits)
     # shapes of the removed tensors (lrnK.t0 ...) would be stale; re-infer them all
     del out.graph.value_info[:]
-    out.graph.value_info.extend(_inferred_value_info(out))
+    out.graph.value_info.extend(inferred_value_info(out))
     record_rewrite(out, "lrn_for_onnxruntime" + ("(prescale)" if prescale else ""))
     return out
 
@@ -207,9 +142,9 @@ def _splice(model, blocks: list[LRNBlock], keep, emit) -> None:
     first = {b.nodes[0]: b for b in blocks}
     remove = {name for b in blocks for name in b.nodes}
     for node in model.graph.node:
-        if node.name in first:
-            emit(first[node.name])
-        elif node.name not in remove:
+        if node_label(node) in first:
+            emit(first[node_label(node)])
+        elif node_label(node) not in remove:
             keep(node)
 
 
@@ -217,7 +152,7 @@ def _lrn_inputs(model, names: list[str]) -> dict[str, tuple[int, int]]:
     """``{tensor: (channels, element type)}`` from the model's shapes (inferred if missing)."""
     known = {v.name: v for v in [*model.graph.value_info, *model.graph.input]}
     if any(n not in known for n in names):
-        known.update({v.name: v for v in _inferred_value_info(model)})
+        known.update({v.name: v for v in inferred_value_info(model)})
     found = {}
     for n in names:
         dims = known[n].type.tensor_type.shape.dim if n in known else []
@@ -227,40 +162,14 @@ def _lrn_inputs(model, names: list[str]) -> dict[str, tuple[int, int]]:
     return found
 
 
-def _inferred_value_info(model) -> list:
-    """Shape inference on a copy whose large weights are stripped to their dims (fast on the
-    244 MB full-size model; small tensors keep their values, which Split/Reshape may need)."""
-    import onnx
-
-    skeleton = onnx.ModelProto()
-    skeleton.CopyFrom(onnx.ModelProto(ir_version=model.ir_version,
-                                      opset_import=model.opset_import))
-    graph = onnx.GraphProto(name=model.graph.name, node=model.graph.node,
-                            input=model.graph.input, output=model.graph.output)
-    for t in model.graph.initializer:
-        if int(np.prod(t.dims)) > 4096:
-            t = onnx.TensorProto(name=t.name, dims=t.dims, data_type=t.data_type)
-        graph.initializer.append(t)
-    skeleton.graph.CopyFrom(graph)
-    return list(onnx.shape_inference.infer_shapes(skeleton).graph.value_info)
-
-
 def record_rewrite(model, name: str) -> None:
-    props = {p.key: p for p in model.metadata_props}
-    if REWRITES_KEY in props:
-        done = json.loads(props[REWRITES_KEY].value)
-        props[REWRITES_KEY].value = json.dumps([*done, name])
-    else:
-        entry = model.metadata_props.add()
-        entry.key, entry.value = REWRITES_KEY, json.dumps([name])
+    """Append ``name`` to the model's list of applied rewrites (metadata ``rewrites``)."""
+    set_meta(model, REWRITES, [*applied_rewrites(model), name])
 
 
 def applied_rewrites(model: onnx.ModelProto) -> list[str]:
     """Names of the rewrites applied to ``model``, in order (empty for the canonical export)."""
-    for p in model.metadata_props:
-        if p.key == REWRITES_KEY:
-            return list(json.loads(p.value))
-    return []
+    return list(get_meta(model, REWRITES, []))
 
 
 # ---- per-tower LRN as one op ----------------------------------------------------------------
@@ -281,7 +190,7 @@ def lrn_fold_towers(model: onnx.ModelProto) -> onnx.ModelProto:
 
     out = onnx.ModelProto()
     out.CopyFrom(model)
-    blocks = [b for b in find_lrn_blocks(model) if b.groups > 1]
+    blocks = [b for b in lrn_blocks(model) if b.groups > 1]
     if not blocks:
         return out
     channels = _lrn_inputs(model, [b.x for b in blocks])

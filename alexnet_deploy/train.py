@@ -55,6 +55,7 @@ from torch import nn
 from alexnet_deploy.checkpoint import load_checkpoint, save_checkpoint
 from alexnet_deploy.data import Augment, EvalSet, TrainSet, label_map, open_dataset
 from alexnet_deploy.errors import UserError
+from alexnet_deploy.fileio import check_output
 from alexnet_deploy.model import AlexNetConfig, build_model
 from alexnet_deploy.preprocess import PreprocessSpec
 
@@ -433,6 +434,8 @@ def train(recipe: Recipe, out: Path | str, *, resume: bool = False,
     if recipe.data is None:
         raise UserError("no training data: pass --data (an image folder, an .npz or "
                         "synthetic:train) or name 'data' in the recipe")
+    check_output(out, "--out", "run", inputs={"--data": recipe.data,
+                                              "--val-data": recipe.val_data})
     state: dict[str, Any] | None = None
     if resume:
         if not (out / LAST).is_file():

@@ -32,10 +32,7 @@ import time
 from pathlib import Path
 
 import numpy as np
-
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-DATA = ROOT.parent / "shared" / "data"
+from common import DATA, run_quantize_static  # this folder's shared pieces
 
 
 def run_ort(path_or_model, images: np.ndarray, batch: int = 64) -> np.ndarray:
@@ -50,36 +47,6 @@ def run_ort(path_or_model, images: np.ndarray, batch: int = 64) -> np.ndarray:
     name = session.get_inputs()[0].name
     return np.concatenate([session.run(None, {name: images[i:i + batch]})[0]
                            for i in range(0, len(images), batch)])
-
-
-def run_quantize_static(src: Path, dst: Path, images: np.ndarray, activation_type,
-                        method, batch: int = 32) -> float:
-    """ONNX Runtime's ``quantize_static`` (QDQ, per-channel int8 weights) of ``src`` into ``dst``,
-    calibrated on ``images`` in batches of ``batch``, its console output hidden; returns seconds.
-    ``activation_type`` / ``method``: ``QuantType`` / ``CalibrationMethod`` members."""
-    from onnxruntime.quantization import (
-        CalibrationDataReader,
-        QuantFormat,
-        QuantType,
-        quantize_static,
-    )
-
-    class Reader(CalibrationDataReader):
-        def __init__(self) -> None:
-            self.i = 0
-
-        def get_next(self):
-            if self.i >= len(images):
-                return None
-            self.i += batch
-            return {"input": images[self.i - batch:self.i]}
-
-    t0 = time.perf_counter()
-    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
-        quantize_static(str(src), str(dst), Reader(), quant_format=QuantFormat.QDQ,
-                        per_channel=True, activation_type=activation_type,
-                        weight_type=QuantType.QInt8, calibrate_method=method)
-    return time.perf_counter() - t0
 
 
 def metrics(logits: np.ndarray, reference: np.ndarray, labels: np.ndarray) -> dict:

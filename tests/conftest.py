@@ -7,6 +7,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests import data_usage
+
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = ROOT.parent / "shared" / "data"
 
@@ -15,7 +17,9 @@ torch.set_num_threads(2)
 
 
 def shared_path(name: str) -> Path:
-    """``../shared/data/<name>``, or skip the test with a reason when it is absent."""
+    """``../shared/data/<name>``, or skip the test with a reason when it is absent. The test (or
+    the fixture) that asks is counted in the closing line on data-dependent tests."""
+    data_usage.note_use()
     path = SHARED_DATA / name
     if not path.exists():
         pytest.skip(f"real data {path} is absent (it lives in ../shared/data beside the checkout)")
@@ -27,6 +31,21 @@ def shared_data():
     return shared_path
 
 
+# ---- a closing line on the tests that depend on ../shared/data (tests/data_usage.py) ----
+
+def pytest_runtest_setup(item):
+    data_usage.test_starts(item)
+
+
+def pytest_runtest_logreport(report):
+    data_usage.record(report)
+
+
+def pytest_terminal_summary(terminalreporter):
+    for line in data_usage.summary_lines(SHARED_DATA):
+        terminalreporter.write_line(line)
+
+
 # ---- small exported models and calibrations (build / validate / backend tests) ----
 
 SMALL_SIZE = 67  # the paper model's smallest input
@@ -35,9 +54,11 @@ SMALL_CLASSES = ("disc", "ring", "square", "triangle", "cross", "star", "crescen
 
 
 def make_small_model(folder: Path, *, seed: int = 0, size: int = SMALL_SIZE,
-                     classes: tuple[str, ...] = SMALL_CLASSES) -> dict[str, Path]:
-    """A small untrained paper AlexNet (width x1/8) with varied logits: ``checkpoint`` (.pt)
-    and its canonical export ``onnx``, written under ``folder``."""
+                     classes: tuple[str, ...] = SMALL_CLASSES,
+                     width_mult: float = 0.125) -> dict[str, Path]:
+    """An untrained paper AlexNet with varied logits (small by default: width x1/8; 1.0 with
+    ``size=227`` and 1000 classes is the full-size model): ``checkpoint`` (.pt) and its
+    canonical export ``onnx``, written under ``folder``."""
     from alexnet_deploy.checkpoint import save_checkpoint
     from alexnet_deploy.export import export, source_from_checkpoint
     from alexnet_deploy.model import AlexNetConfig, AlexNetGrouped, grouped_to_two_tower
@@ -45,7 +66,7 @@ def make_small_model(folder: Path, *, seed: int = 0, size: int = SMALL_SIZE,
 
     folder.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(seed)
-    cfg = AlexNetConfig(num_classes=len(classes), image_size=size, width_mult=0.125)
+    cfg = AlexNetConfig(num_classes=len(classes), image_size=size, width_mult=width_mult)
     grouped = AlexNetGrouped(cfg).eval()
     # the paper's N(0, 0.01) init gives near-constant logits; He init makes images differ
     for p in grouped.parameters():

@@ -211,32 +211,40 @@ def test_bad_budgets_are_refused(kw, match):
         bench_runners([("A", FakeRunner("A", []))], [1], **{"warmup": 0.01, **kw}, **quiet())
 
 
-def test_gpu_flags_warn_once_per_cpu_runner():
+def test_no_transfers_warns_once_per_cpu_runner():
     warnings: list[str] = []
     res = bench_runners([BenchTarget("A", FakeRunner("A", []), backend="onnxruntime")], [1],
-                        iterations=2, warmup=0.005, transfers=False, cuda_graph=True,
+                        iterations=2, warmup=0.005, transfers=False,
                         warn=warnings.append, **quiet())
-    assert len(warnings) == 1 and "--no-transfers and --cuda-graph do not apply" in warnings[0]
+    assert len(warnings) == 1 and "--no-transfers does not apply to A" in warnings[0]
     assert "\n" not in warnings[0] and res[0].notes == warnings
 
 
-def test_gpu_runner_hooks_are_used():
+def test_gpu_runner_capabilities_are_used():
     class GpuFake(FakeRunner):
+        capabilities = frozenset({"no_transfers", "stage_timings"})
         asked = None
 
-        def bench_options(self, *, transfers, cuda_graph):
-            GpuFake.asked = (transfers, cuda_graph)
-            return []
+        def set_transfers(self, transfers):
+            GpuFake.asked = transfers
 
         def timings(self):
-            return {"h2d": 0.1, "compute": 0.3, "d2h": 0.05}
+            return {"h2d": 0.1, "compute": 0.3, "d2h": 0.05, "enqueue": 0.02}
 
-    (res,) = bench_runners([("G", GpuFake("G", []))], [2], iterations=5, warmup=0.005,
-                           transfers=False, **quiet())
-    assert GpuFake.asked == (False, False)
+    class Undeclared(FakeRunner):  # a timings() without the capability is not called
+        def timings(self):
+            raise AssertionError("called")
+
+    res, other = bench_runners([("G", GpuFake("G", [])), ("U", Undeclared("U", []))], [2],
+                               iterations=5, warmup=0.005, transfers=False, **quiet())
+    assert GpuFake.asked is False
     stages = res.results[0].stages_ms
     assert stages["compute"].p50 == pytest.approx(0.3) and stages["compute"].count == 5
-    assert "stages_ms" in res.results[0].to_dict()
+    assert stages["enqueue"].p50 == pytest.approx(0.02)
+    assert "stages_ms" in res.results[0].to_dict() and other.results[0].stages_ms == {}
+    assert res.notes == [("transfers excluded (--no-transfers: inputs resident on the device, "
+                          "logits not copied back); no CUDA graphs (every call launches its "
+                          "work anew)")]
 
 
 def test_unique_names():
@@ -344,11 +352,11 @@ def test_cli_bad_inputs(tiny_engine, tmp_path):
                 ["--threads", "0"]):
         _one_error_line(invoke("--engine", str(tiny_engine), *bad), bad[0])
     _one_error_line(invoke("--engine", str(tiny_engine), *common, "--report",
-                           str(tmp_path / "missing" / "r.md")), "--report", "does not exist")
+                           "/dev/null/r.md"), "--report", "/dev/null is a file, not a folder")
     _one_error_line(invoke("--engine", str(tiny_engine), *common, "--report", str(tmp_path)),
                     "is a folder")
     _one_error_line(invoke("--engine", str(tiny_engine), *common, "--json",
-                           str(tmp_path / "missing" / "b.json")), "--json")
+                           "/dev/null/b.json"), "--json")
     _one_error_line(invoke(*common), "nothing to bench")
 
 

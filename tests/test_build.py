@@ -140,7 +140,7 @@ def test_calibration_for_another_model_is_refused(small_model, tmp_path):
 def test_unknown_backend(small_model, tmp_path):
     expect_error(run("--model", str(small_model["onnx"]), "--precision", "fp32",
                      "--backend", "tflite", "--out", str(tmp_path / "e")),
-                 "unknown backend 'tflite': choose one of auto, onnxruntime, openvino, tensorrt")
+                 "'tflite' is not one of 'auto', 'onnxruntime', 'openvino', 'tensorrt'")
 
 
 def test_backend_not_installed_says_how_to_install(small_model, tmp_path):
@@ -148,8 +148,8 @@ def test_backend_not_installed_says_how_to_install(small_model, tmp_path):
         pytest.skip("TensorRT is installed here")
     expect_error(run("--model", str(small_model["onnx"]), "--precision", "fp32",
                      "--backend", "tensorrt", "--out", str(tmp_path / "e")),
-                 "pip install tensorrt pycuda on a GPU machine, or use the NGC TensorRT "
-                 "container")
+                 "pip install tensorrt pycuda --extra-index-url https://pypi.nvidia.com "
+                 "(tensorrt is the CUDA 13 build: with a CUDA 12 driver install tensorrt-cu12")
 
 
 def test_model_whose_input_does_not_match_its_spec(small_model, tmp_path):
@@ -164,9 +164,9 @@ def test_model_whose_input_does_not_match_its_spec(small_model, tmp_path):
 
 
 @pytest.mark.parametrize("extra, message", [
-    (["--precision", "fp32", "--max-top1-drop", "0.5"], "use it with --precision int8"),
+    (["--precision", "fp32", "--max-top1-drop", "0.5"], "use them with --precision int8"),
     (["--precision", "int8", "--max-top1-drop", "0.5"], "needs --calibration-data"),
-    (["--precision", "fp32", "--max-batch", "0"], "--max-batch must be >= 1"),
+    (["--precision", "fp32", "--max-batch", "0"], "'--max-batch': 0 is not in the range x>=1"),
 ])
 def test_option_combinations_are_checked(small_model, tmp_path, extra, message):
     if "int8" in extra:
@@ -189,7 +189,7 @@ def test_missing_model_and_unwritable_out(small_model, tmp_path):
     (tmp_path / "photos" / "a.jpg").write_bytes(b"x")
     expect_error(run("--model", str(small_model["onnx"]), "--precision", "fp32",
                      "--backend", "onnxruntime", "--out", str(tmp_path / "photos")),
-                 "exists and is not an engine folder")
+                 "not an engine folder")
     assert [p.name for p in (tmp_path / "photos").iterdir()] == ["a.jpg"]
 
 
@@ -199,6 +199,26 @@ def test_sidecar_json_is_what_the_readme_documents(small_model, tmp_path):
     assert list(d) == ["format", "alexnet_deploy_version", "backend", "precision",
                        "layer_precision", "placement", "source", "artifacts", "input", "output",
                        "preprocess", "classes", "build", "notes"]
+
+
+@pytest.mark.parametrize("options, message", [
+    (["--min-batch", "9", "--max-batch", "8"], "--min-batch must be between 1 and --max-batch (8)"),
+    (["--opt-batch", "16", "--max-batch", "8"], "--opt-batch must be between --min-batch (1)"),
+    (["--timing-cache", "t.cache", "--no-timing-cache"], "exclude each other"),
+    (["--int8-fallback", "fp16"], "--int8-fallback sets what an INT8 engine does not quantize"),
+])
+def test_tensorrt_profile_options_are_checked_first(small_model, tmp_path, options, message):
+    expect_error(run("--model", str(small_model["onnx"]), "--precision", "fp32",
+                     "--out", str(tmp_path / "e"), *options), message)
+    assert not (tmp_path / "e").exists()
+
+
+def test_profile_options_are_ignored_with_a_note_on_cpu_backends(small_model, tmp_path):
+    result = run("--model", str(small_model["onnx"]), "--precision", "fp32", "--backend",
+                 "onnxruntime", "--min-batch", "2", "--out", str(tmp_path / "e"))
+    assert result.exit_code == 0, result.output
+    assert "--min-batch/--opt-batch shape TensorRT profiles; onnxruntime engines take any " \
+        "batch: ignored" in result.output
 
 
 # ---- accuracy budget (issue 14) ----

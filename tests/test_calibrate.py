@@ -419,3 +419,26 @@ def test_real_cifar_images_every_method(shared_data, tmp_path):
         for name, amax in got[method].items():
             assert 0 < amax <= got["minmax"][name], (method, name)
     assert load_calibration(tmp_path / "mse.json").num_images == 64
+
+
+@pytest.mark.parametrize("installed, expected", [
+    ({}, ("10.16.1", "no TensorRT is installed here")),
+    ({"tensorrt-cu12": "10.3.0.26"}, ("10.3.0.26", "the installed tensorrt-cu12")),
+    ({"tensorrt": "11.4.0.106"}, ("10.16.1", ("the installed tensorrt 11.4.0.106 reads no "
+                                              "calibration caches"))),
+])
+def test_cache_header_names_the_installed_tensorrt_and_says_why(monkeypatch, installed,
+                                                                 expected):
+    from importlib import metadata
+
+    from alexnet_deploy.calibrate import trt_header_version
+
+    def version(dist):
+        if dist in installed:
+            return installed[dist]
+        raise metadata.PackageNotFoundError(dist)
+
+    monkeypatch.setattr(metadata, "version", version)
+    found, why = trt_header_version(None)
+    assert found == expected[0] and expected[1] in why
+    assert trt_header_version("10.0.1") == ("10.0.1", "given with --trt-version")

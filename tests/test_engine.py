@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import numpy as np
@@ -22,7 +21,7 @@ from alexnet_deploy.engine import (
     write_sidecar,
 )
 from alexnet_deploy.errors import UserError
-from alexnet_deploy.fileio import sha256_file
+from alexnet_deploy.fileio import sha256_file, umask
 from alexnet_deploy.preprocess import PreprocessSpec
 
 
@@ -66,7 +65,8 @@ def test_sidecar_round_trips_through_its_json(tmp_path):
     assert d["source"] == {"model_sha256": "cd" * 32, "calibration_sha256": "ef" * 32,
                            "checkpoint_sha256": "01" * 32}
     assert d["input"] == {"name": "input", "shape": [3, 67, 67], "dtype": "float32",
-                          "layout": "NCHW", "min_batch": 1, "max_batch": None}
+                          "layout": "NCHW", "min_batch": 1, "max_batch": None,
+                          "opt_batch": None}
     assert d["output"] == {"name": "logits", "num_classes": 3}
     assert d["preprocess"]["crop"] == 67
     assert d["build"]["host"]["cpu"] == "c"
@@ -189,7 +189,7 @@ def test_engine_dir_atomic_replaces_an_earlier_engine_whole(tmp_path):
         write_sidecar(tmp, make_sidecar())
     assert sorted(p.name for p in dest.iterdir()) == [SIDECAR_NAME, "new.bin"]
     assert [p.name for p in tmp_path.iterdir()] == ["engine"]
-    assert oct(dest.stat().st_mode & 0o777) == oct(0o777 & ~_umask())
+    assert oct(dest.stat().st_mode & 0o777) == oct(0o777 & ~umask())
     # a failed rebuild keeps the previous engine
     with pytest.raises(RuntimeError), engine_dir_atomic(dest) as tmp:
         raise RuntimeError
@@ -211,9 +211,3 @@ def test_engine_dir_atomic_never_overwrites_what_it_did_not_write(tmp_path):
     with engine_dir_atomic(tmp_path / "missing" / "engine") as tmp:  # created when written
         (tmp / "engine.json").write_text("{}")
     assert (tmp_path / "missing" / "engine" / "engine.json").is_file()
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask

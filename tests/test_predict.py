@@ -146,7 +146,7 @@ def test_predict_refuses_missing_inputs_and_json_onto_an_input(small_engine, tmp
     before = image.read_bytes()
     for args, message in ([["nothing.png"], "image nothing.png does not exist"],
                           [[str(tmp_path / "empty")], "holds no image"],
-                          [[str(image), "--json", str(image)], "is one of the input images"]):
+                          [[str(image), "--json", str(image)], "is this command's input IMAGE"]):
         (tmp_path / "empty").mkdir(exist_ok=True)
         result = CliRunner().invoke(cli, ["predict", "--engine", str(small_engine), *args])
         assert result.exit_code == 2 and message in result.stderr, result.output

@@ -17,6 +17,7 @@ import torch
 
 from alexnet_deploy import quantize as Q
 from alexnet_deploy.errors import UserError
+from alexnet_deploy.graph import lrn_blocks
 
 onnx = pytest.importorskip("onnx")
 ort = pytest.importorskip("onnxruntime")
@@ -457,7 +458,7 @@ def test_lrn_channels_last_integer_form_matches_the_qdq_graph(small_model, tmp_p
         ref, got = logits(q, x), logits(fast, x)
         assert agreement(got, ref) == 1.0
         np.testing.assert_allclose(got, ref, atol=1e-3 * np.abs(ref).max())
-        assert Q.native_lrn_blocks(fast) == []
+        assert lrn_blocks(fast) == []
 
 
 def test_lrn_channels_last_is_exact(small_model):

@@ -10,6 +10,7 @@ from onnx import TensorProto, helper
 
 from alexnet_deploy import export as ex
 from alexnet_deploy import rewrite as rw
+from alexnet_deploy.graph import lrn_blocks
 from alexnet_deploy.model import (
     LRN_BETA,
     LRN_K,
@@ -179,7 +180,7 @@ def test_rewrite_after_onnxruntime_quantization(small_graph, real_images, tmp_pa
     quantize_static(str(tmp_path / "f32.onnx"), str(tmp_path / "q.onnx"), Reader(),
                     quant_format=QuantFormat.QDQ, per_channel=True)
     quantized = onnx.load(str(tmp_path / "q.onnx"))
-    blocks = rw.find_lrn_blocks(quantized)
+    blocks = lrn_blocks(quantized)
     assert len(blocks) == 4 and {b.groups for b in blocks} == {1}
     fast = rw.lrn_for_onnxruntime(quantized)
     assert "LRN" not in ex.op_counts(fast)

@@ -129,26 +129,31 @@ def test_int8_engine_is_measured_as_quantized(engines, small_model):
 def test_failing_thresholds_exit_1_and_say_which(engines, tmp_path_factory):
     other = make_small_model(tmp_path_factory.mktemp("other"), seed=1)  # same spec and classes
     result = run("--engine", str(engines / "fp32"), "--reference", str(other["checkpoint"]),
-                 "--data", "synthetic:test", "--limit", "64", "--max-top1-drop", "100")
+                 "--data", "synthetic:test", "--limit", "64", "--max-top1-drop", "100",
+                 "--allow-other-reference", "--atol", "1000")
     assert result.exit_code == 1, result.output
     assert "FAIL" in result.output
+    assert "not the model the engine was built from" in result.output
     assert "top-1 agreement" in result.output and "is below --min-agreement 99.00%" in \
         result.output
     assert "top-1 dropped" not in result.output  # only the check that failed is named
 
 
-def test_each_threshold_fails_on_its_own():
-    def result(**kw) -> ValidationResult:
-        fields = {"engine": "e", "backend": "b", "precision": "int8", "reference": "r",
-                  "data": "d", "num_images": 100, "engine_top1": 0.70, "engine_top5": 0.9,
-                  "reference_top1": 0.70, "reference_top5": 0.9, "top1_agreement": 0.995,
-                  "top5_overlap": 0.99, "max_abs_logit_error": 0.1, "mean_abs_logit_error": 0.01,
-                  "cosine_similarity": 0.999, "min_cosine_similarity": 0.99,
-                  "nonfinite_logits": 0, "per_class": {}, "max_top1_drop": 0.5,
-                  "min_agreement": 0.99}
-        fields.update(kw)
-        return ValidationResult(**fields)
+def validation_result(**kw) -> ValidationResult:
+    """A passing INT8 result on 100 images; ``kw`` replaces fields."""
+    fields = {"engine": "e", "backend": "b", "precision": "int8", "reference": "r",
+              "data": "d", "num_images": 100, "engine_top1": 0.70, "engine_top5": 0.9,
+              "reference_top1": 0.70, "reference_top5": 0.9, "top1_agreement": 0.995,
+              "top5_overlap": 0.99, "max_abs_logit_error": 0.1, "mean_abs_logit_error": 0.01,
+              "cosine_similarity": 0.999, "min_cosine_similarity": 0.99,
+              "nonfinite_logits": 0, "per_class": {}, "max_top1_drop": 0.5,
+              "min_agreement": 0.99}
+    fields.update(kw)
+    return ValidationResult(**fields)
 
+
+def test_each_threshold_fails_on_its_own():
+    result = validation_result
     assert _failures(result()) == []
     assert _failures(result(engine_top1=0.696)) == []  # 0.4 points: within 0.5
     (drop,) = _failures(result(engine_top1=0.69))
@@ -228,9 +233,9 @@ def test_data_with_other_classes_is_refused(engines, small_model, tmp_path):
 
 
 @pytest.mark.parametrize("option, message", [
-    (["--min-agreement", "99"], "--min-agreement is a fraction in 0..1"),
-    (["--max-top1-drop", "-1"], "--max-top1-drop must be >= 0"),
-    (["--limit", "0"], "--limit must be >= 1"),
+    (["--min-agreement", "99"], "'--min-agreement': 99.0 is not in the range 0.0<=x<=1.0"),
+    (["--max-top1-drop", "-1"], "'--max-top1-drop': -1.0 is not in the range x>=0.0"),
+    (["--limit", "0"], "'--limit': 0 is not in the range x>=1"),
     (["--json", "/dev/null/v.json"], "/dev/null is a file, not a folder"),
 ])
 def test_bad_options(engines, small_model, option, message):

@@ -63,8 +63,26 @@ class Runner(ABC):
     ``close`` must not race with ``infer``.
     """
 
+    #: what ``bench`` may ask of this runner beyond ``infer`` (GPU runners; CPU runners have
+    #: none): ``"no_transfers"`` (:meth:`set_transfers`) and ``"stage_timings"``
+    #: (:meth:`timings`).
+    capabilities: frozenset[str] = frozenset()
+
     @abstractmethod
     def infer(self, batch: np.ndarray) -> np.ndarray: ...
+
+    def set_transfers(self, transfers: bool) -> None:
+        """With ``"no_transfers"`` in :attr:`capabilities`: ``False`` keeps each distinct
+        input batch resident on the device after its first upload and skips copying the logits
+        back (``infer`` then returns no logits: for timing only). Others raise."""
+        raise NotImplementedError(f"{type(self).__name__} has no host-device transfers to skip")
+
+    def timings(self) -> dict[str, float] | None:
+        """With ``"stage_timings"`` in :attr:`capabilities`: the calling thread's last
+        ``infer`` call's ``h2d``, ``compute`` and ``d2h`` times in ms from CUDA events (a key is
+        absent when the stage was skipped), and ``enqueue``, the host time of the launch call.
+        Defaults to None."""
+        return None
 
     @abstractmethod
     def input_metadata(self) -> InputMetadata: ...
@@ -72,7 +90,7 @@ class Runner(ABC):
     def close(self) -> None:
         """Release device memory / sessions. Defaults to doing nothing."""
 
-    def __enter__(self) -> Runner:
+    def __enter__(self) -> Runner:  # noqa: PYI034 - typing.Self needs Python 3.11; we support 3.10
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -109,18 +127,26 @@ class Backend(ABC):
     #: backends run the dynamic-batch graph at any batch size
     fixed_batch_range: bool = False
 
+    #: what an INT8 graph leaves unquantized runs in: ``fp32`` or ``fp16``
+    #: (:func:`~alexnet_deploy.quantize.to_int8_fp16`); ``build --int8-fallback`` overrides it
+    default_int8_fallback: str = "fp32"
+
     def precision_graph(self, graph: onnx.ModelProto, precision: str, calibration: Any = None,
-                        keep_fp32: tuple[str, ...] = ()) -> onnx.ModelProto:
+                        keep_fp32: tuple[str, ...] = (), int8_fallback: str | None = None,
+                        ) -> onnx.ModelProto:
         """The canonical export ``graph`` in ``precision``: ``fp32`` unchanged, ``fp16``
         :func:`~alexnet_deploy.quantize.to_fp16`, ``int8`` :func:`~alexnet_deploy.quantize.to_int8`
-        with this backend's :attr:`qdq_target` and the ``keep_fp32`` layers left in FP32."""
+        with this backend's :attr:`qdq_target` and the ``keep_fp32`` layers left unquantized;
+        with ``int8_fallback`` ``"fp16"`` (default :attr:`default_int8_fallback`) what is not
+        quantized runs in FP16 (:func:`~alexnet_deploy.quantize.to_int8_fp16`)."""
         from alexnet_deploy import quantize
 
         if precision == "fp16":
             return quantize.to_fp16(graph)
         if precision == "int8":
-            return quantize.to_int8(graph, calibration, target=self.qdq_target,
-                                    keep_fp32=tuple(keep_fp32))
+            fallback = int8_fallback or self.default_int8_fallback
+            make = quantize.to_int8_fp16 if fallback == "fp16" else quantize.to_int8
+            return make(graph, calibration, target=self.qdq_target, keep_fp32=tuple(keep_fp32))
         return graph
 
     def rewrite_graph(self, graph: onnx.ModelProto) -> onnx.ModelProto:

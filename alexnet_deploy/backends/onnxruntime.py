@@ -22,13 +22,15 @@ supports its opset (if not, the session error is reported as one line).
 from __future__ import annotations
 
 import importlib.util
+import os
+import threading
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from alexnet_deploy.backends import Backend, InputMetadata, Runner, first_line
-from alexnet_deploy.errors import UserError
+from alexnet_deploy.backends import Backend, InputMetadata, Runner
+from alexnet_deploy.onnxrt import cpu_session, session_options  # noqa: F401 - part of this backend's API
 
 if TYPE_CHECKING:
     import onnx
@@ -38,51 +40,26 @@ FP16_NOTE = ("ONNX Runtime's CPU provider runs FP16 graphs by inserting casts to
              "without FP16 kernels: this engine checks FP16 accuracy, it is not faster than FP32")
 
 
-def session_options(threads: int | None = None):
-    """CPU ``SessionOptions``: ``threads`` intra-op threads (None: ONNX Runtime's default, one per
-    physical core), one inter-op thread, every graph optimization."""
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = int(threads or 0)
-    options.inter_op_num_threads = 1
-    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    options.log_severity_level = 3  # errors only: no warnings on stderr for every session
-    # Idle worker threads sleep instead of spinning: on a 2-core machine shared with the caller's
-    # own threads, spinning cost the INT8 engine 30-40% (docs/results-quantize.md).
-    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    return options
-
-
-def cpu_session(model: str | Path | bytes, threads: int | None = None):
-    """An ``InferenceSession`` on the CPU provider; UserError (one line) if ONNX Runtime refuses."""
-    import onnxruntime as ort
-
-    try:
-        return ort.InferenceSession(model if isinstance(model, bytes) else str(model),
-                                    sess_options=session_options(threads),
-                                    providers=["CPUExecutionProvider"])
-    except Exception as e:  # ORT raises its own Fail/InvalidGraph/... types
-        raise UserError(f"ONNX Runtime {ort.__version__} cannot load the model "
-                        f"({first_line(e)})") from e
-
-
 class OnnxRuntimeRunner(Runner):
     """An ONNX Runtime session; :meth:`infer` is safe to call from several threads at once.
 
-    ``InferenceSession.run`` is documented thread-safe: concurrent calls share the session's
-    weights and its intra-op thread pool, each with its own inputs and outputs, so the runner
-    needs no lock and no per-thread state.
+    ``InferenceSession.run`` is thread-safe: concurrent calls share the session's weights and
+    its intra-op thread pool, each with its own inputs and outputs. One call already keeps
+    ``threads`` cores busy, so the runner admits ``cores // threads`` calls at a time (at least
+    one) and queues the rest: more would only oversubscribe the cores (measured: 4 unqueued
+    callers on 2 cores got 0.7x one caller's throughput; docs/results.md).
     """
 
-    def __init__(self, session: Any, meta: InputMetadata) -> None:
+    def __init__(self, session: Any, meta: InputMetadata, threads: int | None = None) -> None:
         self.session = session
         self.meta = meta
         self.output_name = session.get_outputs()[0].name
+        cores = os.cpu_count() or 1
+        self._slots = threading.BoundedSemaphore(max(1, cores // (threads or cores)))
 
     def infer(self, batch: np.ndarray) -> np.ndarray:
-        (logits,) = self.session.run([self.output_name], {self.meta.name: batch})
+        with self._slots:
+            (logits,) = self.session.run([self.output_name], {self.meta.name: batch})
         return np.asarray(logits, dtype=np.float32)
 
     def input_metadata(self) -> InputMetadata:
@@ -109,7 +86,7 @@ class OnnxRuntimeBackend(Backend):
     def rewrite_graph(self, graph: onnx.ModelProto) -> onnx.ModelProto:
         # A quantized graph gets the channels-last LRN form: written NCHW, the float LRN between
         # the integer convs and pools costs layout transposes and float pools (measured: INT8 at
-        # 1.2x FP32 with the NCHW form, 2.0x channels-last; docs/results-quantize.md).
+        # 1.2x FP32 with the NCHW form, 2.0x channels-last; docs/notes.md).
         if any(n.op_type == "QuantizeLinear" for n in graph.graph.node):
             from alexnet_deploy.quantize import lrn_channels_last
             from alexnet_deploy.rewrite import record_rewrite
@@ -135,7 +112,7 @@ class OnnxRuntimeBackend(Backend):
         session = cpu_session(Path(engine_dir) / ARTIFACT, threads)
         meta = InputMetadata(name=sidecar.input_name, chw=tuple(sidecar.input_shape),
                              min_batch=sidecar.min_batch, max_batch=sidecar.max_batch)
-        return OnnxRuntimeRunner(session, meta)
+        return OnnxRuntimeRunner(session, meta, threads)
 
 
 BACKEND = OnnxRuntimeBackend()
