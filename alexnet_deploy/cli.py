@@ -244,7 +244,7 @@ def calibrate(model, data, method, percentile, num_images, batch_size, seed, trt
               help="Images (folder or .npz) an accuracy budget is calibrated and checked on.")
 @click.option("--confidence", type=float, default=0.95, show_default=True, metavar="P",
               help="The budget must hold at this one-sided confidence (0.5: as measured).")
-@click.option("--noise-view", type=float, default=0.4, show_default=True, metavar="SIGMA",
+@click.option("--noise-view", type=float, default=0.3, show_default=True, metavar="SIGMA",
               help="The budget must also hold on the held-out images with Gaussian noise of "
                    "this deviation added (images a model was trained on flatter INT8); 0: clean "
                    "images only.")

@@ -235,7 +235,7 @@ def test_min_agreement_calibrates_chooses_a_method_and_records_it(small_model, t
     assert sc.calibration_sha256 is None  # calibrated by the build itself
     assert t["data"] == {"path": "synthetic:train", "fingerprint": t["data"]["fingerprint"],
                          "calibration_images": 128, "held_out_images": 384, "seed": 0,
-                         "views": ["clean", "gaussian noise 0.4"]}
+                         "views": ["clean", "gaussian noise 0.3"]}
     assert list(t["methods"]) == ["entropy", "percentile", "mse", "minmax"]
     best = max(m["agreement"] for m in t["methods"].values())
     assert t["methods"][t["method"]]["agreement"] == best
