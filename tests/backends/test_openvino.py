@@ -110,17 +110,20 @@ def test_engine_is_safe_to_call_from_several_threads(engines, precision, threads
         assert_thread_safe(engine, real_images(engine.sidecar.preprocess))
 
 
-def test_engines_run_one_lrn_per_block_and_equal_the_canonical_graph(engines, small_model,
-                                                                      images):
-    """The per-tower LRN rewrite (``rewrite.lrn_fold_towers``) is in every OpenVINO engine:
-    no Split / Concat left in the IR, two LRNs instead of four, and FP32 logits still those of
-    the canonical graph on ONNX Runtime (test_fp32_engine_is_fp32's bound)."""
-    for precision in ("fp32", "int8"):
-        xml = (engines / precision / XML).read_text()
-        assert 'type="Split"' not in xml and 'type="Concat"' not in xml
-        assert xml.count('type="LRN"') == 2
-    with load_engine(engines / "fp32", threads=2) as engine:
-        got = engine.infer(images)
+def test_one_lrn_per_block_is_exact_on_openvino(small_model, images, tmp_path):
+    """The per-tower LRN rewrite (``rewrite.lrn_fold_towers``, TensorRT's graph) converted by
+    OpenVINO: two LRNs instead of four, no Split / Concat, and the canonical graph's logits."""
+    import openvino as ov
+
+    from alexnet_deploy.rewrite import lrn_fold_towers
+
+    canonical = onnx.load(str(small_model["onnx"]))
+    onnx.save(lrn_fold_towers(canonical), str(tmp_path / "folded.onnx"))
+    model = ov.convert_model(str(tmp_path / "folded.onnx"))
+    ops = [op.get_type_name() for op in model.get_ordered_ops()]
+    assert ops.count("LRN") == 2 and "Split" not in ops and "Concat" not in ops
+    compiled = ov.Core().compile_model(model, "CPU", compile_config("fp32", 2))
+    got = compiled({0: images})[0]
     np.testing.assert_allclose(got, onnx_logits(small_model["onnx"], images), atol=1e-4,
                                rtol=1e-4)
 
