@@ -44,9 +44,13 @@ from typing import Any
 import numpy as np
 
 from alexnet_deploy.backends import InputMetadata, Runner
+from alexnet_deploy.checkpoint import load_checkpoint
+from alexnet_deploy.data import iter_batches
+from alexnet_deploy.engine import cpu_model, load_engine
 from alexnet_deploy.errors import UserError
-from alexnet_deploy.fileio import check_output
+from alexnet_deploy.fileio import check_output, write_json_atomic
 from alexnet_deploy.preprocess import PreprocessSpec
+from alexnet_deploy.report import plot_paths, write_report
 
 DEFAULT_BATCH_SIZES = (1, 8, 32)
 DEFAULT_WARMUP_S = 1.0
@@ -189,7 +193,6 @@ def to_json(results: Sequence[BenchResult]) -> dict[str, Any]:
 
 
 def write_json(path: Path | str, results: Sequence[BenchResult]) -> None:
-    from alexnet_deploy.fileio import write_json_atomic
 
     write_json_atomic(path, to_json(results))
 
@@ -344,7 +347,6 @@ def reference_targets(checkpoint: Path | str, threads: int | None = None,
     """
     import torch
 
-    from alexnet_deploy.checkpoint import load_checkpoint
 
     ckpt = load_checkpoint(checkpoint)
     if threads is not None:
@@ -380,12 +382,8 @@ def random_inputs(chw: Sequence[int], count: int, seed: int = 0) -> np.ndarray:
 def load_images(source: str | Path, spec: PreprocessSpec, count: int) -> np.ndarray:
     """Up to ``count`` preprocessed images ``(N, C, H, W)`` float32 from ``source`` (an image
     folder, an ``.npz`` or ``synthetic:SPLIT``) through :func:`alexnet_deploy.data.iter_batches`."""
-    try:
-        from alexnet_deploy import data as data_mod
-    except ImportError as e:
-        raise UserError(f"--data {source}: the data module is unavailable ({e})") from e
     chunks, have = [], 0
-    for batch in data_mod.iter_batches(str(source), spec, batch_size=count, limit=count):
+    for batch in iter_batches(str(source), spec, batch_size=count, limit=count):
         images = np.asarray(batch.images, dtype=np.float32)
         chunks.append(images[: count - have])
         have += len(chunks[-1])
@@ -440,12 +438,6 @@ class InputPool:
         return images
 
     def _default_images(self, chw, spec) -> np.ndarray | None:
-        try:
-            from alexnet_deploy import data as data_mod
-        except ImportError:
-            return None
-        if not hasattr(data_mod, "iter_batches"):
-            return None
         try:
             images = load_images(DEFAULT_DATA, spec or PreprocessSpec.for_size(chw[-1]),
                                  POOL_IMAGES)
@@ -719,7 +711,6 @@ def describe_method(duration: float | None, iterations: int | None, warmup: floa
 
 def host_description() -> str:
     """``hostname: CPU model, N CPUs, OS release`` (plus the GPU when torch sees one)."""
-    from alexnet_deploy.engine import cpu_model
 
     text = (f"{platform.node()}: {cpu_model()}, {os.cpu_count()} CPUs, {platform.system()} "
             f"{platform.release()}")
@@ -733,10 +724,6 @@ def host_description() -> str:
 
 def engine_targets(paths: Sequence[str], threads: int | None) -> list[BenchTarget]:
     """Load each engine (UserError naming the path when it is missing or not an engine)."""
-    try:
-        from alexnet_deploy.engine import load_engine
-    except ImportError as e:
-        raise UserError(f"engine loading is unavailable in this installation ({e})") from e
     names = unique_names([str(p) for p in paths])
     targets = []
     try:
@@ -780,7 +767,6 @@ def run_bench(engines: Sequence[str], reference: str | None = None,
     if json_path:
         check_output(json_path, "--json", "json", inputs=inputs)
     if report_path:
-        from alexnet_deploy.report import plot_paths
 
         check_output(report_path, "--report", "text", inputs=inputs)
         for plot in plot_paths(Path(report_path)):
@@ -802,7 +788,6 @@ def run_bench(engines: Sequence[str], reference: str | None = None,
         write_json(json_path, results)
         echo(f"wrote {json_path}")
     if report_path:
-        from alexnet_deploy.report import write_report
 
         written = write_report(report_path, results)
         echo("wrote " + ", ".join(str(p) for p in written))

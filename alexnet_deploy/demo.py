@@ -21,8 +21,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from alexnet_deploy.engine import BUILD_PRECISIONS
+from alexnet_deploy import train as training
+from alexnet_deploy.backends import get_backend
+from alexnet_deploy.bench import BenchTarget, bench_runners, reference_targets
+from alexnet_deploy.build import build_engine
+from alexnet_deploy.calibrate import calibrate
+from alexnet_deploy.checkpoint import load_checkpoint
+from alexnet_deploy.data import open_dataset
+from alexnet_deploy.engine import BUILD_PRECISIONS, load_engine
 from alexnet_deploy.errors import UserError
+from alexnet_deploy.export import run_export
+from alexnet_deploy.fileio import check_output, check_writable_dir
+from alexnet_deploy.report import Section, plot_paths, write_report
+from alexnet_deploy.validate import validate_engine
 
 
 @dataclass
@@ -92,8 +103,6 @@ def default_devices() -> str:
 
 
 def _train(cfg: DemoConfig, run_dir: Path, say: Callable[[str], None]) -> Path:
-    from alexnet_deploy import train as training
-    from alexnet_deploy.checkpoint import load_checkpoint
 
     recipe = training.load_recipe(cfg.recipe).replace(
         data=cfg.data, val_data=cfg.validation_data, devices=cfg.devices or default_devices(),
@@ -118,13 +127,6 @@ def _is_newer(path: Path, than: Path) -> bool:
 
 def run_demo(cfg: DemoConfig, say: Callable[[str], None] = print) -> DemoResult:
     """Run every stage; see the module docstring. Returns what was written and measured."""
-    from alexnet_deploy.bench import BenchTarget, bench_runners, reference_targets
-    from alexnet_deploy.build import build_engine
-    from alexnet_deploy.calibrate import calibrate
-    from alexnet_deploy.engine import load_engine
-    from alexnet_deploy.export import run_export
-    from alexnet_deploy.fileio import check_writable_dir
-    from alexnet_deploy.validate import validate_engine
 
     root = Path(cfg.root)
     run_dir = root / "train" / cfg.name
@@ -200,7 +202,6 @@ def run_demo(cfg: DemoConfig, say: Callable[[str], None] = print) -> DemoResult:
 
 
 def _write_report(cfg: DemoConfig, result: DemoResult) -> Path:
-    from alexnet_deploy.report import Section, write_report
 
     pipeline = Section(
         "Pipeline", text="\n".join([
@@ -251,11 +252,6 @@ def check_config(cfg: DemoConfig) -> None:
     Raises:
         UserError: a bad number, recipe, device, backend, data set, or output folder.
     """
-    from alexnet_deploy.backends import get_backend
-    from alexnet_deploy.data import open_dataset
-    from alexnet_deploy.fileio import check_output
-    from alexnet_deploy.report import plot_paths
-    from alexnet_deploy.train import load_recipe, parse_devices
 
     if cfg.bench_seconds <= 0:
         raise UserError(f"--bench-seconds must be > 0, got {cfg.bench_seconds}")
@@ -264,9 +260,9 @@ def check_config(cfg: DemoConfig) -> None:
     for name, value in (("--epochs", cfg.epochs), ("--threads", cfg.threads)):
         if value is not None and value < 1:
             raise UserError(f"{name} must be >= 1, got {value}")
-    load_recipe(cfg.recipe)
+    training.load_recipe(cfg.recipe)
     if cfg.devices is not None:
-        parse_devices(cfg.devices)  # checked even when a finished run would be reused
+        training.parse_devices(cfg.devices)  # checked even when a finished run would be reused
     get_backend(cfg.backend)  # installed and usable here (TensorRT: a GPU)
     for option, data in (("--data", cfg.data), ("--val-data", cfg.validation_data)):
         try:

@@ -47,12 +47,16 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from alexnet_deploy.checkpoint import load_checkpoint
+from alexnet_deploy.data import SkippedImages, iter_batches, open_dataset
+from alexnet_deploy.engine import Engine, load_engine
 from alexnet_deploy.errors import UserError
-from alexnet_deploy.fileio import sha256_file
+from alexnet_deploy.fileio import check_output, sha256_file, write_json_atomic
+from alexnet_deploy.metadata import check_alexnet_graph, load_onnx, read_model_info
+from alexnet_deploy.onnxrt import cpu_session
 
 if TYPE_CHECKING:
     from alexnet_deploy.data import ImageDataset
-    from alexnet_deploy.engine import Engine
     from alexnet_deploy.preprocess import PreprocessSpec
 
 TOPK = 5
@@ -262,8 +266,6 @@ def load_reference(path: str | Path, threads: int | None = None
     """
     path = Path(path)
     if path.suffix.lower() == ".onnx":
-        from alexnet_deploy.metadata import check_alexnet_graph, load_onnx, read_model_info
-        from alexnet_deploy.onnxrt import cpu_session
 
         proto = load_onnx(path, load_weights=False)
         info = read_model_info(proto)
@@ -279,7 +281,6 @@ def load_reference(path: str | Path, threads: int | None = None
 
     import torch
 
-    from alexnet_deploy.checkpoint import load_checkpoint
 
     ckpt = load_checkpoint(path)
     model = ckpt.grouped_model()
@@ -339,8 +340,6 @@ def validate_engine(engine: str | Path | Engine, reference: str | Path,
     """
     from tqdm import tqdm
 
-    from alexnet_deploy.data import SkippedImages, iter_batches, open_dataset
-    from alexnet_deploy.engine import Engine, load_engine
 
     if max_top1_drop < 0:
         raise UserError(f"--max-top1-drop must be >= 0 (percentage points), got {max_top1_drop}")
@@ -448,7 +447,6 @@ def _spec_diff(a: PreprocessSpec, b: PreprocessSpec) -> str:
 def run_validate(engine: str, reference: str, data: str, *, json_path: str | None = None,
                  **options: Any) -> ValidationResult:
     """What ``alexnet-deploy validate`` does: validate, then write ``--json`` if asked."""
-    from alexnet_deploy.fileio import check_output, write_json_atomic
 
     if json_path:  # checked before the long part
         check_output(json_path, "--json", "json",

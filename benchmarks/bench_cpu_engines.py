@@ -90,11 +90,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seconds", type=float, default=3.0, help="timed seconds per target")
     parser.add_argument("--calibration-images", type=int, default=256)
     parser.add_argument("--json", default=None, help="write the results here")
+    parser.add_argument("--keep", default=None, metavar="DIR",
+                        help="write the models and engines here and keep them (default: a "
+                             "temporary folder)")
     args = parser.parse_args(argv)
     sizes = [int(b) for b in args.batch_sizes.split(",")]
     chw = (3, 227, 227)
     with tempfile.TemporaryDirectory() as tmp:
-        paths = prepare(Path(tmp), args.calibration_images, print)
+        work = Path(args.keep or tmp)
+        work.mkdir(parents=True, exist_ok=True)
+        paths = prepare(work, args.calibration_images, print)
         engines = [load_engine(paths[name], threads=args.threads) for name, _, _ in ENGINES]
         targets = [
             BenchTarget("(a) plain torch.onnx.export, ONNX Runtime",

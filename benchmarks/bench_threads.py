@@ -10,7 +10,9 @@ For each engine, two targets are benched interleaved by :func:`alexnet_deploy.be
 called from ``--threads`` threads at once, each thread with its own batch of ``--batch`` images
 (one call of the second target is ``--threads`` concurrent ``infer`` calls). The ratio of their
 img/s says what several callers (web-server threads, Triton instances) get from one loaded
-engine; it should not fall below 1.
+engine; it should not fall below 1. For an ONNX Runtime engine a third target calls the same
+session from ``--threads`` threads without the runner's queue (every call runs at once): the
+measurement behind the runner's default of ``cores // threads`` concurrent runs.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 
 from alexnet_deploy.backends import InputMetadata, Runner
+from alexnet_deploy.backends.onnxruntime import OnnxRuntimeRunner
 from alexnet_deploy.bench import BenchTarget, bench_runners, host_description
 from alexnet_deploy.engine import load_engine
 
@@ -63,24 +66,37 @@ def main() -> None:
             single = BenchTarget.from_engine(engine, "1 thread")
             threaded = BenchTarget.from_engine(engine, f"{args.threads} threads")
             threaded.runner = ThreadedCalls(engine.runner, args.threads)
+            targets = [single, threaded]
+            if isinstance(engine.runner, OnnxRuntimeRunner):
+                unqueued = BenchTarget.from_engine(engine, f"{args.threads} threads, unqueued")
+                unqueued.runner = ThreadedCalls(OnnxRuntimeRunner(
+                    engine.runner.session, engine.runner.meta, max_concurrent=args.threads),
+                    args.threads)
+                targets.append(unqueued)
             try:
-                results = bench_runners([single, threaded], [args.batch, args.batch * args.threads],
+                results = bench_runners(targets, [args.batch, args.batch * args.threads],
                                         duration=args.seconds, warmup=1.0, data=args.data,
                                         progress=False)
             finally:
-                threaded.runner.close()
+                for t in targets[1:]:
+                    t.runner.close()
         one = results[0].at(args.batch).throughput
-        many = results[1].at(args.batch * args.threads).throughput
+        many = [r.at(args.batch * args.threads).throughput for r in results[1:]]
         rows.append({"engine": path, "backend": engine.sidecar.backend,
                      "precision": engine.sidecar.precision, "batch_per_call": args.batch,
                      "threads": args.threads, "one_thread_img_s": round(one, 1),
-                     "threads_img_s": round(many, 1), "ratio": round(many / one, 3)})
+                     "threads_img_s": round(many[0], 1), "ratio": round(many[0] / one, 3),
+                     "unqueued_img_s": round(many[1], 1) if len(many) > 1 else None,
+                     "unqueued_ratio": round(many[1] / one, 3) if len(many) > 1 else None})
     print(f"host: {host_description()}")
     print(f"{'engine':<34}{'backend':<12}{'prec':<6}{'1 thread':>10}"
-          f"{f'{args.threads} threads':>12}{'ratio':>8}   (img/s, batch {args.batch} per call)")
+          f"{f'{args.threads} threads':>12}{'ratio':>8}{'unqueued':>10}{'ratio':>8}"
+          f"   (img/s, batch {args.batch} per call)")
     for r in rows:
+        unq = ("" if r["unqueued_ratio"] is None
+               else f"{r['unqueued_img_s']:>10.1f}{r['unqueued_ratio']:>8.2f}")
         print(f"{r['engine']:<34}{r['backend']:<12}{r['precision']:<6}"
-              f"{r['one_thread_img_s']:>10.1f}{r['threads_img_s']:>12.1f}{r['ratio']:>8.2f}")
+              f"{r['one_thread_img_s']:>10.1f}{r['threads_img_s']:>12.1f}{r['ratio']:>8.2f}{unq}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"host": host_description(), "rows": rows}, f, indent=2)

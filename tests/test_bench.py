@@ -157,7 +157,10 @@ def test_duration_and_warmup_are_honoured():
     wall = time.perf_counter() - start
     for r in res:
         timed_s = r.results[0].timed_s
-        assert 0.4 <= timed_s < 0.4 + 0.25, timed_s  # about one call past the budget at most
+        # the last call starts before the budget runs out: one call past it at most (measured
+        # by the call's own latency, not a wall-clock bound that a loaded machine would break)
+        slowest_s = r.results[0].latency_ms.max / 1e3
+        assert 0.4 <= timed_s <= 0.4 + slowest_s + 0.05, (timed_s, slowest_s)
     a_calls = [t for name, t, _ in log if name == "A"]
     b_calls = [t for name, t, _ in log if name == "B"]
     assert b_calls[0] - a_calls[0] >= 0.15  # A warmed up for 0.15 s before B started
@@ -365,7 +368,7 @@ def test_cli_closes_runners_when_bench_fails(monkeypatch):
     runner = FakeRunner("A", log, max_batch=1)
 
     engine = SimpleNamespace(sidecar={"backend": "fake", "precision": "fp32"}, runner=runner)
-    monkeypatch.setattr("alexnet_deploy.engine.load_engine", lambda path, threads=None: engine)
+    monkeypatch.setattr("alexnet_deploy.bench.load_engine", lambda path, threads=None: engine)
     out = invoke("--engine", "whatever", "--batch-sizes", "2", "--iterations", "1")
     _one_error_line(out, "whatever", "(1..1)")
     assert runner.closed

@@ -165,7 +165,7 @@ def test_preferred_batch_sizes_rule(ort_engine, tmp_path):
     (["--name", ".."], "model name '..' is not one Triton accepts"),
     (["--version", "0"], "model version '0' is not a positive integer"),
     (["--version", "v1"], "model version 'v1' is not a positive integer"),
-    (["--instances", "0"], "--instances 0 must be at least 1"),
+    (["--instances", "0"], "Invalid value for '--instances': 0 is not in the range x>=1"),
 ])
 def test_package_refuses_bad_options(ort_engine, tmp_path, args, message):
     result = run_cli("package", "--engine", ort_engine, "--triton", tmp_path / "repo", *args)

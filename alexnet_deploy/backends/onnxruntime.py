@@ -45,17 +45,25 @@ class OnnxRuntimeRunner(Runner):
 
     ``InferenceSession.run`` is thread-safe: concurrent calls share the session's weights and
     its intra-op thread pool, each with its own inputs and outputs. One call already keeps
-    ``threads`` cores busy, so the runner admits ``cores // threads`` calls at a time (at least
-    one) and queues the rest: more would only oversubscribe the cores (measured: 4 unqueued
-    callers on 2 cores got 0.7x one caller's throughput; docs/results.md).
+    ``threads`` cores busy, so by default the runner admits ``cores // threads`` calls at a time
+    (at least one) and queues the rest, which would only oversubscribe the cores
+    (docs/results.md, "Several threads per engine").
+
+    Args:
+        session: the ``InferenceSession``.
+        meta: what the engine accepts.
+        threads: the session's intra-op threads. Defaults to None (one per core).
+        max_concurrent: calls run at once. Defaults to None (``cores // threads``, at least 1).
     """
 
-    def __init__(self, session: Any, meta: InputMetadata, threads: int | None = None) -> None:
+    def __init__(self, session: Any, meta: InputMetadata, threads: int | None = None,
+                 max_concurrent: int | None = None) -> None:
         self.session = session
         self.meta = meta
         self.output_name = session.get_outputs()[0].name
         cores = os.cpu_count() or 1
-        self._slots = threading.BoundedSemaphore(max(1, cores // (threads or cores)))
+        self.max_concurrent = max_concurrent or max(1, cores // (threads or cores))
+        self._slots = threading.BoundedSemaphore(self.max_concurrent)
 
     def infer(self, batch: np.ndarray) -> np.ndarray:
         with self._slots:
