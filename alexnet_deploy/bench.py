@@ -210,6 +210,7 @@ class BenchTarget:
     precision: str = "?"
     backend_version: str = ""
     preprocess: PreprocessSpec | None = None
+    input_format: str = "float32-nchw"  # "uint8-nhwc": fed the same images as uint8 pixels
 
     @classmethod
     def from_engine(cls, engine: Any, name: str) -> BenchTarget:
@@ -220,7 +221,8 @@ class BenchTarget:
             spec = PreprocessSpec.from_dict(spec)
         return cls(name=name, runner=engine.runner, backend=str(_field(sc, "backend", "?")),
                    precision=str(_field(sc, "precision", "?")),
-                   backend_version=str(_field(sc, "backend_version", "")), preprocess=spec)
+                   backend_version=str(_field(sc, "backend_version", "")), preprocess=spec,
+                   input_format=str(_field(sc, "input_format", "float32-nchw")))
 
 
 def _field(obj: Any, name: str, default: Any) -> Any:
@@ -554,6 +556,9 @@ def bench_runners(named_runners: Any, batch_sizes: Sequence[int] = DEFAULT_BATCH
     try:
         for b in sizes:
             buffers = [pool.batches(tuple(m.chw), t.preprocess, b) for t, m in zip(targets, metas)]
+            buffers = [[(t.preprocess or PreprocessSpec()).denormalize(x) for x in bufs]
+                       if t.input_format == "uint8-nhwc" else bufs
+                       for t, bufs in zip(targets, buffers)]
             for i, t in enumerate(targets):
                 bar.set_description(f"warm-up b={b} {_short(t.name)}")
                 spent = _warm_up(t.runner, buffers[i], warmup)

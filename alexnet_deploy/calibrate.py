@@ -519,12 +519,7 @@ def calibrate(model: str | Path, data: str | Path, out: str | Path, *,
         raise UserError(f"no readable images in {data} ({skipped.count} unreadable): "
                         "calibration needs real images of the kind the model will see")
 
-    amax, all_zero = {}, []
-    for name, hist in stats.histograms.items():
-        amax[name] = calibrator(hist)
-        if amax[name] == 0.0:
-            all_zero.append(name)
-            amax[name] = ZERO_TENSOR_AMAX
+    amax, all_zero = amax_table(stats.histograms, calibrator)
     if all_zero:
         say(f"warning: {len(all_zero)} tensor(s) were all zeros on every calibration image "
             f"({', '.join(all_zero[:5])}{', ...' if len(all_zero) > 5 else ''}): amax set to "
@@ -543,6 +538,19 @@ def calibrate(model: str | Path, data: str | Path, out: str | Path, *,
         f"{seconds:.1f} s (model runs and histograms {stats.seconds:.1f} s) -> {out}, "
         f"{cache_path.name} (its header TRT-{header} names TensorRT {trt_version}, {trt_why})")
     return calibration
+
+
+def amax_table(histograms: dict[str, HistogramCollector], calibrator: Callable
+               ) -> tuple[dict[str, float], list[str]]:
+    """``({tensor: amax}, all-zero tensors)`` from :func:`collect_activations`' histograms: the
+    calibrator's amax, :data:`ZERO_TENSOR_AMAX` for a tensor that was zero on every image."""
+    amax, all_zero = {}, []
+    for name, hist in histograms.items():
+        amax[name] = calibrator(hist)
+        if amax[name] == 0.0:
+            all_zero.append(name)
+            amax[name] = ZERO_TENSOR_AMAX
+    return amax, all_zero
 
 
 def _scales(calibration: Calibration) -> dict[str, float]:

@@ -233,16 +233,36 @@ def calibrate(model, data, method, percentile, num_images, batch_size, seed, trt
 @click.option("--int8-fallback", type=click.Choice(["fp32", "fp16"]), default=None,
               help="INT8: what the Q/DQ pairs leave unquantized runs in this precision "
                    "(TensorRT; LRN stays FP32).  [default: fp16 on TensorRT, fp32 elsewhere]")
+@click.option("--min-agreement", type=float, default=None, metavar="F",
+              help="INT8 accuracy budget: top-1 agreement with FP32 (0.99 = 99%) on held-out "
+                   "images of --calibration-data. The build picks the calibration method and "
+                   "keeps the costliest layers out of INT8 until it holds.")
 @click.option("--max-top1-drop", type=NON_NEGATIVE, default=None, metavar="X",
-              help="INT8: keep the layers that cost most accuracy in FP32 until the top-1 drop "
-                   "measured on --calibration-data is at most X percentage points.")
+              help="INT8 accuracy budget: top-1 percentage points the engine may lose (with "
+                   "the model's own classes; else disagreement with FP32).")
 @click.option("--calibration-data", metavar="PATH",
-              help="Labelled images (folder or .npz) for --max-top1-drop.")
+              help="Images (folder or .npz) an accuracy budget is calibrated and checked on.")
+@click.option("--confidence", type=float, default=0.95, show_default=True, metavar="P",
+              help="The budget must hold at this one-sided confidence (0.5: as measured).")
+@click.option("--noise-view", type=float, default=0.3, show_default=True, metavar="SIGMA",
+              help="The budget must also hold on the held-out images with Gaussian noise of "
+                   "this deviation added (images a model was trained on flatter INT8); 0: clean "
+                   "images only.")
+@click.option("--best-effort", is_flag=True,
+              help="Build the closest mix when the budget cannot be met (default: fail).")
+@click.option("--placement", type=click.Choice(["cpu", "tensorrt"]), default=None,
+              help="INT8 Q/DQ placement instead of the backend's own (e.g. TensorRT's, "
+                   "simulated on ONNX Runtime).")
+@click.option("--input", "input_format", type=click.Choice(["float32-nchw", "uint8-nhwc"]),
+              default="float32-nchw", show_default=True,
+              help="What the engine takes: preprocessed float32 NCHW images, or uint8 NHWC "
+                   "pixels (resized and cropped; scaling, mean/std and layout in the graph).")
 @click.option("--threads", type=COUNT, default=None, metavar="N", help="CPU threads.")
 @click.option("--out", required=True, metavar="engines/NAME",
               help="Engine folder to write (an earlier engine there is replaced).")
 def build(model, precision, calibration, backend, max_batch, min_batch, opt_batch, timing_cache,
-          no_timing_cache, int8_fallback, max_top1_drop, calibration_data, threads, out) -> None:
+          no_timing_cache, int8_fallback, min_agreement, max_top1_drop, calibration_data,
+          confidence, noise_view, best_effort, placement, input_format, threads, out) -> None:
     """Build an engine folder (backend artifact + engine.json sidecar) from an ONNX model."""
     from alexnet_deploy.build import build_engine
 
@@ -253,7 +273,10 @@ def build(model, precision, calibration, backend, max_batch, min_batch, opt_batc
                           calibration_data=calibration_data, threads=threads,
                           min_batch=min_batch, opt_batch=opt_batch,
                           timing_cache=False if no_timing_cache else (timing_cache or True),
-                          int8_fallback=int8_fallback)
+                          int8_fallback=int8_fallback,
+                          min_agreement=min_agreement, confidence=confidence,
+                          best_effort=best_effort, placement=placement,
+                          input_format=input_format, noise_view=noise_view)
     for line in result.summary():
         click.echo(line)
 

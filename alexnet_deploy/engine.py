@@ -22,6 +22,7 @@ from, so that it can be checked before it is run and compared with its reference
                  "checkpoint_sha256": ...},       the checkpoint the ONNX model was exported from
       "artifacts": {"model.onnx": "<sha256>"},
       "input": {"name": "input", "shape": [3, 227, 227], "dtype": "float32",
+                "layout": "NCHW",                 uint8 + NHWC: --input uint8-nhwc
                 "min_batch": 1, "max_batch": null,    null: any batch size
                 "opt_batch": null},                   TensorRT: the batch the profile is tuned for
       "output": {"name": "logits", "num_classes": 10},
@@ -30,7 +31,8 @@ from, so that it can be checked before it is run and compared with its reference
       "build": {"seconds": 1.9, "timestamp": "2026-...Z",
                 "host": {"hostname": ..., "platform": ..., "cpu": ..., "gpu": ...},
                 "timing_cache": null},               TensorRT: the timing cache file used
-      "notes": [...]
+      "notes": [...],
+      "tuning": {...}                             accuracy-budgeted INT8 builds only
     }
 
 :func:`load_engine` checks, in order: the folder exists and holds a sidecar, the sidecar parses,
@@ -78,6 +80,7 @@ SIDECAR_NAME = "engine.json"
 BUILD_PRECISIONS = LAYER_PRECISIONS = ("fp32", "fp16", "int8")
 #: an engine's overall precision: ``mixed`` is INT8 with some layers kept in higher precision
 PRECISIONS = (*BUILD_PRECISIONS, "mixed")
+INPUT_FORMATS = ("float32-nchw", "uint8-nhwc")  # rewrite.INPUT_FORMATS; engine.py imports no onnx
 
 
 @dataclass
@@ -112,6 +115,11 @@ class EngineSidecar:
         output_name: name of the logits output. Defaults to ``"logits"``.
         notes: remarks a user should see with the engine (e.g. how a backend runs FP16).
         version: the alexnet-deploy version that built it.
+        input_format: what :meth:`Engine.infer` feeds the artifact: ``float32-nchw`` (the
+            preprocessed image; the default) or ``uint8-nhwc`` (the resized, cropped RGB pixels;
+            the graph does the scaling, mean/std and layout). ``input_shape`` stays ``(C, H, W)``.
+        tuning: how an accuracy-budgeted INT8 build chose its engine (method, per-layer
+            precision, held-out figures, speed cost); None otherwise. Defaults to None.
     """
 
     backend: str
@@ -137,6 +145,8 @@ class EngineSidecar:
     notes: list[str] = field(default_factory=list)
     timing_cache: str | None = None
     version: str = __version__
+    input_format: str = "float32-nchw"
+    tuning: dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
         if self.precision not in PRECISIONS:
@@ -145,6 +155,9 @@ class EngineSidecar:
         if bad:
             raise UserError(f"engine layer precision {bad} is not one of {LAYER_PRECISIONS}")
         self.input_shape = tuple(int(v) for v in self.input_shape)  # type: ignore[assignment]
+        if self.input_format not in INPUT_FORMATS:
+            raise UserError(f"engine input format {self.input_format!r} is not one of "
+                            f"{INPUT_FORMATS}: rebuild the engine")
 
     @property
     def num_classes(self) -> int:
@@ -163,14 +176,17 @@ class EngineSidecar:
                        "checkpoint_sha256": self.checkpoint_sha256},
             "artifacts": dict(self.artifacts),
             "input": {"name": self.input_name, "shape": list(self.input_shape),
-                      "dtype": "float32", "min_batch": self.min_batch,
-                      "max_batch": self.max_batch, "opt_batch": self.opt_batch},
+                      "dtype": self.input_format.split("-")[0],
+                      "layout": self.input_format.split("-")[1].upper(),
+                      "min_batch": self.min_batch, "max_batch": self.max_batch,
+                      "opt_batch": self.opt_batch},
             "output": {"name": self.output_name, "num_classes": self.num_classes},
             "preprocess": self.preprocess.to_dict(),
             "classes": list(self.classes),
             "build": {"seconds": round(self.build_seconds, 3), "timestamp": self.built_at,
                       "host": dict(self.host), "timing_cache": self.timing_cache},
             "notes": list(self.notes),
+            **({"tuning": self.tuning} if self.tuning is not None else {}),
         }
 
     @classmethod
@@ -206,6 +222,9 @@ class EngineSidecar:
                 notes=[str(n) for n in d.get("notes", [])],
                 timing_cache=d["build"].get("timing_cache"),
                 version=str(d.get("alexnet_deploy_version", "")),
+                input_format=(f"{d['input'].get('dtype', 'float32')}-"
+                              f"{d['input'].get('layout', 'NCHW').lower()}"),
+                tuning=d.get("tuning"),
             )
         except (KeyError, TypeError, ValueError, AttributeError) as e:
             raise UserError(f"{where} is missing or has a malformed field ({type(e).__name__}: "
@@ -371,18 +390,34 @@ class Engine:
     sidecar: EngineSidecar
     runner: Any  # backends.Runner
 
+    @property
+    def takes_uint8(self) -> bool:
+        """True for an engine built with ``--input uint8-nhwc``."""
+        return self.sidecar.input_format == "uint8-nhwc"
+
     def infer(self, batch: np.ndarray) -> np.ndarray:
-        """Float32 logits ``[N, num_classes]`` for a preprocessed ``[N, C, H, W]`` batch."""
-        batch = np.ascontiguousarray(batch, dtype=np.float32)
-        if batch.ndim != 4 or tuple(batch.shape[1:]) != self.sidecar.input_shape:
+        """Float32 logits ``[N, num_classes]`` for a preprocessed float32 ``[N, C, H, W]`` batch
+        or, for a ``uint8-nhwc`` engine, also for its uint8 ``[N, H, W, C]`` pixels (what
+        :meth:`preprocess` returns for it). A float batch given to a uint8 engine is converted
+        (:meth:`PreprocessSpec.denormalize`, exact for preprocessed images)."""
+        c, h, w = self.sidecar.input_shape
+        if self.takes_uint8 and isinstance(batch, np.ndarray) and batch.dtype == np.uint8:
+            shape, want = (h, w, c), "uint8 (N, H, W, C)"
+        else:
+            batch, shape, want = np.asarray(batch, dtype=np.float32), (c, h, w), "(N, C, H, W)"
+        if batch.ndim != 4 or tuple(batch.shape[1:]) != shape:
             raise UserError(f"input batch of shape {tuple(batch.shape)} does not match engine "
-                            f"{self.path} (N, {', '.join(map(str, self.sidecar.input_shape))})")
+                            f"{self.path} {want} = (N, {', '.join(map(str, shape))})")
+        if self.takes_uint8 and batch.dtype != np.uint8:
+            batch = self.sidecar.preprocess.denormalize(batch)
         self.runner.input_metadata().check_batch(batch.shape[0])
-        return self.runner.infer(batch)
+        return self.runner.infer(np.ascontiguousarray(batch))
 
     def preprocess(self, images: Sequence[ImageLike]) -> np.ndarray:
-        """Float32 ``[N, C, H, W]`` inputs for ``images`` (paths, encoded bytes, PIL images or
-        uint8 HWC RGB arrays), through the engine's stored preprocessing spec.
+        """The engine's inputs for ``images`` (paths, encoded bytes, PIL images or uint8 HWC RGB
+        arrays), through its stored preprocessing spec: float32 ``[N, C, H, W]``, or for a
+        ``uint8-nhwc`` engine (``sidecar.input_format``) the resized, cropped uint8
+        ``[N, H, W, C]`` pixels, a quarter of the bytes.
 
         Raises:
             UserError: naming the first image that cannot be read.
@@ -390,7 +425,10 @@ class Engine:
         return np.stack([self._load(image, i) for i, image in enumerate(images)])
 
     def _load(self, image: ImageLike, position: int) -> np.ndarray:
-        return self.sidecar.preprocess.load(open_image(image, _source_label(image, position)))
+        """One image as this engine takes it: CHW float32, or HWC uint8 pixels."""
+        spec = self.sidecar.preprocess
+        opened = open_image(image, _source_label(image, position))
+        return spec.crop_uint8(opened) if self.takes_uint8 else spec.load(opened)
 
     def classify(self, images: ImageLike | Sequence[ImageLike], top_k: int = 5,
                  batch_size: int | None = None) -> list[Prediction]:

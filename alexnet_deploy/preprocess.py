@@ -190,13 +190,26 @@ class PreprocessSpec:
         x = (x - np.asarray(self.mean, np.float32)) / np.asarray(self.std, np.float32)
         return np.ascontiguousarray(x.transpose(2, 0, 1))
 
-    def load(self, image: Image.Image) -> np.ndarray:
-        """One PIL image -> one ``CHW`` float32 model input (resize, center crop, normalize)."""
+    def denormalize(self, nchw: np.ndarray) -> np.ndarray:
+        """The inverse of :meth:`normalize` on a batch: float32 ``[N, C, H, W]`` -> uint8
+        ``[N, H, W, C]`` (rounded, clipped to 0..255). Exact for images :meth:`normalize` made:
+        their float32 error is far below half a code."""
+        x = np.asarray(nchw, np.float32).transpose(0, 2, 3, 1)
+        x = (x * np.asarray(self.std, np.float32) + np.asarray(self.mean, np.float32)) * 255.0
+        return np.ascontiguousarray(np.clip(np.rint(x), 0, 255).astype(np.uint8))
+
+    def crop_uint8(self, image: Image.Image) -> np.ndarray:
+        """One PIL image -> its resized, center-cropped ``HWC`` uint8 RGB pixels (what an engine
+        built with ``--input uint8-nhwc`` takes)."""
         image = self.resize_image(image)
         w, h = image.size
         left, top = (w - self.crop) // 2, (h - self.crop) // 2
         image = image.crop((left, top, left + self.crop, top + self.crop))
-        return self.normalize(np.asarray(image, dtype=np.uint8))
+        return np.asarray(image, dtype=np.uint8)
+
+    def load(self, image: Image.Image) -> np.ndarray:
+        """One PIL image -> one ``CHW`` float32 model input (resize, center crop, normalize)."""
+        return self.normalize(self.crop_uint8(image))
 
     def load_path(self, path: Path | str) -> np.ndarray:
         """One image file -> one ``CHW`` float32 model input; UserError naming a bad file."""

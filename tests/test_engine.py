@@ -65,10 +65,26 @@ def test_sidecar_round_trips_through_its_json(tmp_path):
     assert d["source"] == {"model_sha256": "cd" * 32, "calibration_sha256": "ef" * 32,
                            "checkpoint_sha256": "01" * 32}
     assert d["input"] == {"name": "input", "shape": [3, 67, 67], "dtype": "float32",
-                          "min_batch": 1, "max_batch": None, "opt_batch": None}
+                          "layout": "NCHW", "min_batch": 1, "max_batch": None,
+                          "opt_batch": None}
     assert d["output"] == {"name": "logits", "num_classes": 3}
     assert d["preprocess"]["crop"] == 67
     assert d["build"]["host"]["cpu"] == "c"
+    assert "tuning" not in d  # only budgeted INT8 builds carry one
+
+
+def test_sidecar_round_trips_uint8_input_and_tuning(tmp_path):
+    sidecar = make_sidecar(input_format="uint8-nhwc", tuning={"method": "mse", "fits": True})
+    write_sidecar(tmp_path, sidecar)
+    assert read_sidecar(tmp_path) == sidecar
+    d = json.loads((tmp_path / SIDECAR_NAME).read_text())
+    assert (d["input"]["dtype"], d["input"]["layout"]) == ("uint8", "NHWC")
+    assert d["tuning"] == {"method": "mse", "fits": True}
+    del d["input"]["layout"], d["input"]["dtype"]  # a sidecar written before both existed
+    (tmp_path / SIDECAR_NAME).write_text(json.dumps(d))
+    assert read_sidecar(tmp_path).input_format == "float32-nchw"
+    with pytest.raises(UserError, match="input format"):
+        make_sidecar(input_format="uint8-nchw")
 
 
 def test_sidecar_refuses_unknown_precisions():

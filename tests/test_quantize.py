@@ -624,3 +624,89 @@ def test_choose_fp32_layers_on_onnxruntime(trained):
     if strict.all_int8_drop > 0:
         assert strict.fp32_layers
     assert {r.name for r in strict.layers} == set(LAYERS)
+
+
+# ---- accuracy budget with confidence bounds -------------------------------------------------
+
+
+def _agreeing_logits(n: int, disagree: int) -> tuple[np.ndarray, np.ndarray]:
+    """``(reference, logits)`` for ``n`` images of which ``disagree`` flip top-1."""
+    reference = np.tile(np.array([[1.0, 0.0]], np.float32), (n, 1))
+    logits = reference.copy()
+    logits[:disagree] = logits[:disagree, ::-1]
+    return reference, logits
+
+
+def test_budget_bounds_agreement_with_wilson():
+    reference, logits = _agreeing_logits(1000, 10)  # 99.0% measured
+    m = Q.Budget(min_agreement=0.98).measure(reference, logits)
+    assert m.agreement == pytest.approx(0.99)
+    # Wilson score lower bound, z = 1.6449, n = 1000, p = 0.99:
+    # (p + z^2/2n - z sqrt(p(1-p)/n + z^2/4n^2)) / (1 + z^2/n) = 0.986004 / 1.002706 = 0.98334
+    assert m.agreement_low == pytest.approx(0.98334, abs=2e-5)
+    assert m.drop == pytest.approx(1.0) and m.drop_high == pytest.approx(100 * (1 - 0.98334),
+                                                                         abs=2e-3)
+    assert Q.Budget(min_agreement=0.98).fits(m)
+    assert not Q.Budget(min_agreement=0.99).fits(m)  # 99.0% measured is not 99% at 95%
+    point = Q.Budget(min_agreement=0.99, confidence=0.5)
+    assert point.fits(point.measure(reference, logits))  # the point estimate does fit
+    # every image agreeing still leaves a bound below 1 (n / (n + z^2))
+    all_agree = Q.Budget(min_agreement=0.99).measure(*_agreeing_logits(100, 0))
+    assert all_agree.agreement == 1.0 and all_agree.agreement_low == pytest.approx(
+        100 / (100 + 1.6449 ** 2), abs=1e-4)
+    assert Q.Budget(min_agreement=0.98).shortfall(m) == 0.0
+    assert Q.Budget(min_agreement=0.99).shortfall(m) == pytest.approx(0.666, abs=2e-3)
+
+
+def test_budget_bounds_a_paired_accuracy_drop():
+    n = 1000
+    labels = np.zeros(n, int)
+    reference, logits = _agreeing_logits(n, 30)  # 30 lost ...
+    logits[30:40] = [0.0, 1.0]
+    reference[30:40] = [0.0, 1.0]  # (10 wrong for both)
+    reference[40:45] = [0.0, 1.0]  # ... and 5 won back
+    m = Q.Budget(max_top1_drop=5.0).measure(reference, logits, labels)
+    assert m.drop == pytest.approx(2.5)
+    # paired bound: drop + z * sqrt(b + c - (b - c)^2 / n) / n, b = 30, c = 5
+    assert m.drop_high == pytest.approx(2.5 + 100 * 1.6449 * np.sqrt(35 - 25 ** 2 / n) / n,
+                                        abs=1e-3)
+    assert not Q.Budget(max_top1_drop=3.0).fits(m) and Q.Budget(max_top1_drop=3.5).fits(m)
+
+
+@pytest.mark.parametrize("bad", [{}, {"min_agreement": 1.5}, {"max_top1_drop": -1},
+                                 {"min_agreement": 0.9, "confidence": 0.42}])
+def test_budget_refuses_bad_values(bad):
+    with pytest.raises(UserError):
+        Q.Budget(**bad)
+
+
+def test_choose_fp32_layers_with_a_budget_reports_what_came_closest(small_model):
+    from alexnet_deploy.calibrate import load_calibration
+
+    model = onnx.load(str(small_model["onnx"]))
+    cal = load_calibration(small_model["calibration"])
+    costs = dict.fromkeys(LAYERS, 0.0) | {"conv1": 2.0, "fc8": 1.0, "conv3": 0.5}
+    images = np.zeros((200, 3, 67, 67), np.float32)
+    run = _scripted_run(costs)
+    # 98.5% is needed at 95% confidence on 200 images: keeping conv1 and fc8 leaves 99.5%
+    # measured, whose bound (98.1%) is still short; conv3 too leaves 100% measured (98.7%)
+    fits = Q.choose_fp32_layers(model, cal, images, Q.Budget(min_agreement=0.985), run=run)
+    assert fits.fits and fits.fp32_layers == ["conv1", "conv3", "fc8"]
+    assert fits.final.agreement == 1.0 and fits.closest is None
+    # 99% at 95% confidence cannot hold on 200 images with any INT8 layer: all end FP32, which
+    # is a failure, and the closest mix is the best bound seen
+    fails = Q.choose_fp32_layers(model, cal, images, Q.Budget(min_agreement=0.99), run=run)
+    assert not fails.fits and set(fails.fp32_layers) == set(LAYERS)
+    assert fails.closest == ["conv1", "fc8", "conv3"]
+    assert fails.closest_measure.agreement == 1.0
+
+
+def test_budget_with_views_judges_the_worst_part():
+    clean_ref, clean = _agreeing_logits(500, 0)
+    noisy_ref, noisy = _agreeing_logits(500, 15)  # 97% on the second view
+    reference, logits = np.concatenate([clean_ref, noisy_ref]), np.concatenate([clean, noisy])
+    pooled = Q.Budget(min_agreement=0.97, confidence=0.5).measure(reference, logits)
+    assert pooled.agreement == pytest.approx(0.985) and pooled.num_images == 1000
+    worst = Q.Budget(min_agreement=0.97, confidence=0.5, views=2).measure(reference, logits)
+    assert worst.agreement == pytest.approx(0.97) and worst.num_images == 500
+    assert not Q.Budget(min_agreement=0.98, confidence=0.5, views=2).fits(worst)

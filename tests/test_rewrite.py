@@ -187,3 +187,63 @@ def test_rewrite_after_onnxruntime_quantization(small_graph, real_images, tmp_pa
     towers = [b.output for b in blocks]
     for got, want in zip(run(fast, real_images, towers), run(quantized, real_images, towers)):
         assert_close(got, want)
+
+
+# ---- per-tower LRN as one op, uint8 NHWC input ----
+
+
+@pytest.mark.parametrize("groups", [2, 4])
+def test_lrn_fold_towers_is_exact(groups):
+    """One LRN over [G*N, C/G, H, W] equals Split / per-tower LRN / Concat (to float32 rounding:
+    ONNX Runtime's LRN kernel rounds a few elements 1 ulp differently by position), and a
+    strong channel at a tower's edge does not leak into the next tower."""
+    block = _block_graph(16, groups)
+    folded = rw.lrn_fold_towers(block)
+    assert ex.op_counts(folded) == {"Reshape": 2, "LRN": 1}
+    assert rw.applied_rewrites(folded) == ["lrn_fold_towers"]
+    x = np.random.default_rng(0).uniform(0, 50, (3, 16, 5, 5)).astype(np.float32)
+    x[:, 16 // groups - 1] = 1000.0  # last channel of tower 0: damps its neighbours in-tower only
+    (got,) = run(folded, x, ["y"])
+    (want,) = run(block, x, ["y"])
+    assert_close(got, want, rel=1e-6)
+    merged = torch.nn.functional.local_response_norm(torch.from_numpy(x), LRN_SIZE,
+                                                     TORCH_LRN_ALPHA, LRN_BETA, LRN_K).numpy()
+    assert np.abs(merged - want).max() > 1.0  # a fold that ignored the towers would differ
+
+
+def test_lrn_fold_towers_leaves_a_lone_lrn():
+    block = _block_graph(8, 1)
+    assert ex.op_counts(rw.lrn_fold_towers(block)) == {"LRN": 1}
+
+
+def test_lrn_fold_towers_on_the_whole_model(small_graph, real_images):
+    canonical, _ = small_graph
+    folded = rw.lrn_fold_towers(canonical)
+    ops = ex.op_counts(folded)
+    assert "Split" not in ops and "Concat" not in ops and ops["LRN"] == 2
+    (got,) = run(folded, real_images, ["logits"])
+    (want,) = run(canonical, real_images, ["logits"])
+    assert_close(got, want, rel=1e-6)
+
+
+def test_uint8_nhwc_input_matches_preprocessing(small_graph):
+    """The uint8 graph on raw pixels equals the float graph on PreprocessSpec.normalize's
+    output (up to float32 rounding of the folded multiply-add), and denormalize inverts
+    normalize exactly."""
+    canonical, _ = small_graph
+    spec = PreprocessSpec.for_size(99)
+    pixels = np.random.default_rng(0).integers(0, 256, (4, 99, 99, 3), dtype=np.uint8)
+    floats = np.stack([spec.normalize(p) for p in pixels])
+    np.testing.assert_array_equal(spec.denormalize(floats), pixels)
+    u8 = rw.uint8_nhwc_input(canonical, spec.mean, spec.std)
+    assert u8.graph.input[0].name == "input"
+    assert u8.graph.input[0].type.tensor_type.elem_type == TensorProto.UINT8
+    assert [d.dim_value for d in u8.graph.input[0].type.tensor_type.shape.dim][1:] == [99, 99, 3]
+    (got,) = run(u8, pixels, ["logits"])
+    (want,) = run(canonical, floats, ["logits"])
+    assert_close(got, want)
+    (normalized,) = run(u8, pixels, ["input.float"])
+    assert np.abs(normalized - floats).max() < 1e-5
+    # channels really are mapped: swapping R and B changes the result
+    (swapped,) = run(u8, np.ascontiguousarray(pixels[..., ::-1]), ["logits"])
+    assert np.abs(swapped - want).max() > 1e-3

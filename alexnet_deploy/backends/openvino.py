@@ -128,6 +128,10 @@ class OpenVinoBackend(Backend):
 
         return ov.__version__
 
+    # No rewrite: rewrite.lrn_fold_towers (one LRN over [2N, C/2, H, W] instead of Split / two
+    # LRNs / Concat) measured no faster here, full-size INT8 at batch 16: OpenVINO already runs
+    # the Split / Concat in place, and one LRN costs what two did (docs/results-int8.md).
+
     def notes(self, precision: str) -> list[str]:
         if precision == "fp16" and not cpu_supports_fp16():
             return [("this CPU has no FP16 arithmetic: OpenVINO runs the FP16 engine's layers in "

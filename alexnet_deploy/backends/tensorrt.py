@@ -553,6 +553,13 @@ class TensorRtBackend(Backend):
         (Path(engine_dir) / ARTIFACT).write_bytes(plan)
         return [ARTIFACT]
 
+    def rewrite_graph(self, graph: onnx.ModelProto) -> onnx.ModelProto:
+        # one LRN layer over [2N, C/2, H, W] (TensorRT's LRN takes any 4-D tensor) instead of
+        # Split / two LRNs / Concat; exact, but not built or timed on a GPU here
+        from alexnet_deploy.rewrite import lrn_fold_towers
+
+        return lrn_fold_towers(graph)
+
     def check_compatible(self, sidecar: Any) -> None:
         built, here = sidecar.backend_version, self.version()
         if built != here:

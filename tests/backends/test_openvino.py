@@ -108,3 +108,40 @@ def test_engine_is_safe_to_call_from_several_threads(engines, precision, threads
 
     with load_engine(engines / precision, threads=threads) as engine:
         assert_thread_safe(engine, real_images(engine.sidecar.preprocess))
+
+
+def test_one_lrn_per_block_is_exact_on_openvino(small_model, images, tmp_path):
+    """The per-tower LRN rewrite (``rewrite.lrn_fold_towers``, TensorRT's graph) converted by
+    OpenVINO: two LRNs instead of four, no Split / Concat, and the canonical graph's logits."""
+    import openvino as ov
+
+    from alexnet_deploy.rewrite import lrn_fold_towers
+
+    canonical = onnx.load(str(small_model["onnx"]))
+    onnx.save(lrn_fold_towers(canonical), str(tmp_path / "folded.onnx"))
+    model = ov.convert_model(str(tmp_path / "folded.onnx"))
+    ops = [op.get_type_name() for op in model.get_ordered_ops()]
+    assert ops.count("LRN") == 2 and "Split" not in ops and "Concat" not in ops
+    compiled = ov.Core().compile_model(model, "CPU", compile_config("fp32", 2))
+    got = compiled({0: images})[0]
+    np.testing.assert_allclose(got, onnx_logits(small_model["onnx"], images), atol=1e-4,
+                               rtol=1e-4)
+
+
+@pytest.mark.parametrize("precision", ["fp32", "int8"])
+def test_uint8_input_engine_agrees_with_the_float_engine(engines, small_model, tmp_path,
+                                                         precision):
+    from alexnet_deploy.build import build_engine
+
+    build_engine(small_model["onnx"], precision, tmp_path / "u8", backend="openvino",
+                 calibration=small_model["calibration"] if precision == "int8" else None,
+                 input_format="uint8-nhwc")
+    rng = np.random.default_rng(1)
+    photos = [rng.integers(0, 256, (80, 100, 3), dtype=np.uint8) for _ in range(12)]
+    with load_engine(engines / precision) as f32, load_engine(tmp_path / "u8") as u8:
+        pixels = u8.preprocess(photos)
+        assert pixels.dtype == np.uint8 and pixels.shape == (12, 67, 67, 3)
+        want, got = f32.infer(f32.preprocess(photos)), u8.infer(pixels)
+        assert np.array_equal(want.argmax(1), got.argmax(1))
+        tolerance = 1e-4 if precision == "fp32" else 5e-2  # INT8: a code may flip at rounding
+        assert np.abs(got - want).max() <= tolerance * np.abs(want).max()
