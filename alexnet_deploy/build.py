@@ -63,7 +63,7 @@ CALIBRATION_METHODS = ("entropy", "percentile", "mse", "minmax")
 # deviation (in normalized units: about 17 of 255 levels), and the budget must hold on both
 # (--noise-view; 0 judges clean images only). When --calibration-data is the model's own training
 # set (the CIFAR recipe's case), clean held-out images flatter INT8: the model fits them, and its
-# agreement on unseen images came out ~0.5 point lower (docs/results-int8.md).
+# agreement on unseen images came out ~0.5 point lower (docs/results.md, "INT8 accuracy budget").
 STRESS_NOISE = 0.3
 SPEED_BATCH = 16  # the speed cost: chosen vs all-INT8 graph, interleaved, on the engine backend
 SPEED_SECONDS = 2.0

@@ -91,15 +91,21 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--calibration-images", type=int, default=256)
     parser.add_argument("--json", default=None, help="write the results here")
     parser.add_argument("--keep", default=None, metavar="DIR",
-                        help="write the models and engines here and keep them (default: a "
-                             "temporary folder)")
+                        help="write the models and engines here and keep them; a folder "
+                             "already holding them all is reused (default: a temporary folder)")
     args = parser.parse_args(argv)
     sizes = [int(b) for b in args.batch_sizes.split(",")]
     chw = (3, 227, 227)
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(args.keep or tmp)
         work.mkdir(parents=True, exist_ok=True)
-        paths = prepare(work, args.calibration_images, print)
+        kept = {"plain": work / "plain.onnx", "qs": work / "qs.onnx",
+                **{name: work / name for name, _, _ in ENGINES}}
+        if all(p.exists() for p in kept.values()):
+            print(f"reusing the models and engines in {work}")
+            paths = kept
+        else:
+            paths = prepare(work, args.calibration_images, print)
         engines = [load_engine(paths[name], threads=args.threads) for name, _, _ in ENGINES]
         targets = [
             BenchTarget("(a) plain torch.onnx.export, ONNX Runtime",

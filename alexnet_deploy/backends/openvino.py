@@ -130,7 +130,7 @@ class OpenVinoBackend(Backend):
 
     # No rewrite: rewrite.lrn_fold_towers (one LRN over [2N, C/2, H, W] instead of Split / two
     # LRNs / Concat) measured no faster here, full-size INT8 at batch 16: OpenVINO already runs
-    # the Split / Concat in place, and one LRN costs what two did (docs/results-int8.md).
+    # the Split / Concat in place, and one LRN costs what two did (docs/results.md, "INT8 accuracy budget").
 
     def notes(self, precision: str) -> list[str]:
         if precision == "fp16" and not cpu_supports_fp16():
