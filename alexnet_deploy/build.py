@@ -42,14 +42,43 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from alexnet_deploy.engine import BUILD_PRECISIONS
+from alexnet_deploy.backends import get_backend
+from alexnet_deploy.backends.tensorrt import default_opt_batch, default_timing_cache
+from alexnet_deploy.bench import bench_runners
+from alexnet_deploy.calibrate import amax_table, collect_activations, load_calibration, model_input
+from alexnet_deploy.calibrators import make_calibrator
+from alexnet_deploy.data import dataset_fingerprint, iter_batches, open_dataset
+from alexnet_deploy.engine import (
+    BUILD_PRECISIONS,
+    EngineSidecar,
+    engine_dir_atomic,
+    host_info,
+    write_sidecar,
+)
 from alexnet_deploy.errors import UserError
-from alexnet_deploy.metadata import LAYER_PRECISION, get_meta
+from alexnet_deploy.fileio import check_output, sha256_file
+from alexnet_deploy.metadata import (
+    LAYER_PRECISION,
+    check_alexnet_graph,
+    get_meta,
+    load_onnx,
+    read_model_info,
+)
+from alexnet_deploy.model import LAYERS
+from alexnet_deploy.onnxrt import cpu_session
+from alexnet_deploy.quantize import (
+    TARGETS,
+    Budget,
+    choose_fp32_layers,
+    required_activations,
+    to_int8,
+    to_int8_fp16,
+    weighted_layers,
+)
+from alexnet_deploy.rewrite import INPUT_FORMATS, lrn_for_onnxruntime, uint8_nhwc_input
 
 if TYPE_CHECKING:
     import onnx
-
-    from alexnet_deploy.engine import EngineSidecar
 
 # The budgeted INT8 search reads up to CALIBRATION_IMAGES + HELD_OUT_IMAGES of --calibration-data
 # (a seeded random selection): the first part calibrates, the rest chooses the method and the
@@ -209,14 +238,6 @@ def build_engine(model_path: str | Path, precision: str, out: str | Path, *,
         UserError: a bad option, a model or calibration that does not fit, a backend that is
             unknown or not installed, or a backend that fails to build.
     """
-    from alexnet_deploy.backends import get_backend
-    from alexnet_deploy.calibrate import load_calibration, model_input
-    from alexnet_deploy.engine import EngineSidecar, engine_dir_atomic, host_info, write_sidecar
-    from alexnet_deploy.fileio import check_output, sha256_file
-    from alexnet_deploy.metadata import check_alexnet_graph, load_onnx, read_model_info
-    from alexnet_deploy.model import LAYERS
-    from alexnet_deploy.quantize import TARGETS, Budget, to_int8, to_int8_fp16, weighted_layers
-    from alexnet_deploy.rewrite import INPUT_FORMATS, uint8_nhwc_input
 
     if precision not in BUILD_PRECISIONS:
         raise UserError(f"unknown precision {precision!r}: choose one of "
@@ -325,7 +346,6 @@ def build_engine(model_path: str | Path, precision: str, out: str | Path, *,
         graph = uint8_nhwc_input(graph, spec.mean, spec.std)
     profile: dict[str, Any] = {}
     if engine_backend.fixed_batch_range:  # an optimization profile (TensorRT)
-        from alexnet_deploy.backends.tensorrt import default_opt_batch, default_timing_cache
 
         cache = default_timing_cache() if timing_cache is True else (timing_cache or None)
         profile = {"min_batch": min_batch, "timing_cache": cache, "say": messages.append,
@@ -371,7 +391,6 @@ def _read_images(data: str, spec: Any, limit: int, progress: bool) -> tuple[Any,
     import numpy as np
     from tqdm import tqdm
 
-    from alexnet_deploy.data import iter_batches, open_dataset
 
     dataset = open_dataset(data)
     limit = min(limit, len(dataset))
@@ -413,10 +432,6 @@ def tune_int8(model: onnx.ModelProto, calibration: Any, data: str, spec: Any,
 
     import numpy as np
 
-    from alexnet_deploy.calibrate import amax_table, collect_activations
-    from alexnet_deploy.calibrators import make_calibrator
-    from alexnet_deploy.data import dataset_fingerprint
-    from alexnet_deploy.quantize import choose_fp32_layers, required_activations, to_int8
 
     start = time.perf_counter()
     c, h, w = spec.input_shape
@@ -489,7 +504,6 @@ def _speed_cost(backend: Any, chosen: onnx.ModelProto, all_int8: onnx.ModelProto
     import tempfile
     import types
 
-    from alexnet_deploy.bench import bench_runners
 
     batch = min(SPEED_BATCH, max_batch)
     meta = types.SimpleNamespace(input_name="input", input_shape=tuple(images.shape[1:]),
@@ -524,8 +538,6 @@ def _search_logits(graph: onnx.ModelProto, images: Any, batch_size: int = 64) ->
     form (the search runs the model about twice per layer; native LRN would double its time)."""
     import numpy as np
 
-    from alexnet_deploy.onnxrt import cpu_session
-    from alexnet_deploy.rewrite import lrn_for_onnxruntime
 
     session = cpu_session(lrn_for_onnxruntime(graph).SerializeToString())
     name = session.get_inputs()[0].name

@@ -458,7 +458,7 @@ def calibrate(model: str | Path, data: str | Path, out: str | Path, *,
     """
     import onnx
 
-    from alexnet_deploy import data as datasets
+    from alexnet_deploy import data as datasets  # lazy: data imports torch
 
     t0 = time.perf_counter()
     out = Path(out)

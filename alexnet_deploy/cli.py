@@ -101,7 +101,7 @@ def parse_csv(value: str, kind=str, name: str = "value") -> list:
 def train(data, val_data, recipe, devices, out, epochs, resume, lr, batch_size, width_mult,
           image_size, workers, seed, amp, threads) -> None:
     """Train AlexNet (two towers on --devices) and write DIR/{best,last}.pt."""
-    from alexnet_deploy import train as training
+    from alexnet_deploy import train as training  # lazy: fast --help
 
     overrides = {"data": data, "val_data": val_data, "devices": devices, "epochs": epochs,
                  "lr": lr, "batch_size": batch_size, "width_mult": width_mult,
@@ -132,8 +132,8 @@ def train(data, val_data, recipe, devices, out, epochs, resume, lr, batch_size, 
 @click.option("--workers", type=WORKERS, metavar="N", help="Decode processes for image folders.")
 def evaluate(checkpoint, data, json_path, ten_crop, batch_size, devices, workers) -> None:
     """Top-1 / top-5 accuracy of a checkpoint, through its own preprocessing spec."""
-    from alexnet_deploy.fileio import check_output, write_json_atomic
-    from alexnet_deploy.train import evaluate as run_evaluate
+    from alexnet_deploy.fileio import check_output, write_json_atomic  # lazy: fast --help
+    from alexnet_deploy.train import evaluate as run_evaluate  # lazy: fast --help
 
     if json_path:  # before the evaluation, not after it
         check_output(json_path, "--json", "json", inputs={"--checkpoint": checkpoint,
@@ -164,7 +164,7 @@ def evaluate(checkpoint, data, json_path, ten_crop, batch_size, devices, workers
               help="Images in the parity check.")
 def export(checkpoint, torchvision_weights, out, opset, parity_data, parity_images) -> None:
     """Export the single-device model to ONNX, checked against PyTorch on real images."""
-    from alexnet_deploy.export import run_export
+    from alexnet_deploy.export import run_export  # lazy: fast --help
 
     result = run_export(out, checkpoint=checkpoint, torchvision_weights=torchvision_weights,
                         opset=opset, parity_data=parity_data, parity_images=parity_images)
@@ -198,7 +198,7 @@ def export(checkpoint, torchvision_weights, out, opset, parity_data, parity_imag
 def calibrate(model, data, method, percentile, num_images, batch_size, seed, trt_version,
               out) -> None:
     """Choose per-tensor INT8 ranges from activation histograms on real images."""
-    from alexnet_deploy.calibrate import calibrate as run_calibrate
+    from alexnet_deploy.calibrate import calibrate as run_calibrate  # lazy: fast --help
 
     run_calibrate(model, data, out, method=method, percentile=percentile,
                   num_images=num_images, batch_size=batch_size, seed=seed,
@@ -264,7 +264,7 @@ def build(model, precision, calibration, backend, max_batch, min_batch, opt_batc
           no_timing_cache, int8_fallback, min_agreement, max_top1_drop, calibration_data,
           confidence, noise_view, best_effort, placement, input_format, threads, out) -> None:
     """Build an engine folder (backend artifact + engine.json sidecar) from an ONNX model."""
-    from alexnet_deploy.build import build_engine
+    from alexnet_deploy.build import build_engine  # lazy: fast --help
 
     if no_timing_cache and timing_cache:
         raise UserError("--timing-cache and --no-timing-cache exclude each other: pass one")
@@ -313,7 +313,7 @@ def build(model, precision, calibration, backend, max_batch, min_batch, opt_batc
 def validate(engine, reference, data, json_path, max_top1_drop, min_agreement, limit,
              batch_size, threads, atol, rtol, allow_other_reference) -> None:
     """Compare an engine with its FP32 reference on real images; exit 1 if a threshold fails."""
-    from alexnet_deploy.validate import run_validate
+    from alexnet_deploy.validate import run_validate  # lazy: fast --help
 
     result = run_validate(engine, reference, data, json_path=json_path,
                           max_top1_drop=max_top1_drop, min_agreement=min_agreement, limit=limit,
@@ -356,7 +356,7 @@ def validate(engine, reference, data, json_path, max_top1_drop, min_agreement, l
 def bench(engines, reference, batch_sizes, duration, iterations, warmup, threads, data,
           no_transfers, json_path, report_path) -> None:
     """Measure latency (min/p50/p90/p95/p99/max) and throughput of engines, trtexec-style."""
-    from alexnet_deploy.bench import run_bench
+    from alexnet_deploy.bench import run_bench  # lazy: fast --help
 
     run_bench(list(engines), reference=reference,
               batch_sizes=parse_csv(batch_sizes, int, "--batch-sizes"), duration=duration,
@@ -382,7 +382,7 @@ def bench(engines, reference, batch_sizes, duration, iterations, warmup, threads
               help="CPU threads.")
 def predict(engine, images, top_k, batch_size, json_path, threads) -> None:
     """Print the top-k classes of images (files or folders) with their probabilities."""
-    from alexnet_deploy.predict import run_predict, summary
+    from alexnet_deploy.predict import run_predict, summary  # lazy: fast --help
 
     result = run_predict(engine, images, top_k=top_k, batch_size=batch_size, threads=threads,
                          json_path=json_path, echo=click.echo,
@@ -415,6 +415,7 @@ def demo(data, val_data, devices, backend, epochs, report_dir, bench_seconds, th
     """Train -> export -> calibrate -> build FP32/FP16/INT8 -> validate -> bench -> report."""
     from pathlib import Path
 
+    # lazy, like every command here: --help stays fast
     from alexnet_deploy.demo import DemoConfig, check_config, run_demo, summary_lines
 
     cfg = DemoConfig(data=data, val_data=val_data, devices=devices, backend=backend,
@@ -466,7 +467,7 @@ _TOP_K = click.option("--top-k", type=COUNT, default=5, show_default=True, metav
 def package(engine, triton_dir, name, model_version, instances, max_queue_delay_us, bench_json,
             flavor, max_batch, top_k) -> None:
     """Write a Triton model (config.pbtxt, model files, labels) for an engine."""
-    from alexnet_deploy.serving.repository import package as write_package
+    from alexnet_deploy.serving.repository import package as write_package  # lazy: fast --help
 
     result = write_package(engine, triton_dir, name=name, version=model_version,
                            instances=instances, max_queue_delay_us=max_queue_delay_us,
@@ -493,8 +494,8 @@ def package(engine, triton_dir, name, model_version, instances, max_queue_delay_
 def serve(engine, http_port, grpc_port, metrics_port, name, max_batch, max_queue_delay_us,
           instances, top_k, no_batching, threads) -> None:
     """Serve an engine on Triton Inference Server (through PyTriton) until Ctrl-C."""
-    from alexnet_deploy.serving.server import Ports
-    from alexnet_deploy.serving.server import serve as run_serve
+    from alexnet_deploy.serving.server import Ports  # lazy: fast --help
+    from alexnet_deploy.serving.server import serve as run_serve  # lazy: fast --help
 
     run_serve(engine, ports=Ports(http_port, grpc_port, metrics_port), name=name,
               max_batch=max_batch, max_queue_delay_us=max_queue_delay_us, instances=instances,
@@ -528,7 +529,7 @@ def serve(engine, http_port, grpc_port, metrics_port, name, max_batch, max_queue
 def loadtest(engine, data, concurrency, protocols, batching, duration, rounds, num_images,
              max_batch, max_queue_delay_us, threads, json_path, report_path) -> None:
     """Concurrency sweep against 'serve' over HTTP and gRPC, every answer checked."""
-    from alexnet_deploy.serving.loadtest import run_loadtest
+    from alexnet_deploy.serving.loadtest import run_loadtest  # lazy: fast --help
 
     result = run_loadtest(engine, data, concurrency=parse_csv(concurrency, int, "--concurrency"),
                           protocols=parse_csv(protocols, str, "--protocols"),

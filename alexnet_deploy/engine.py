@@ -62,6 +62,7 @@ import numpy as np
 from PIL import Image
 
 from alexnet_deploy import __version__
+from alexnet_deploy.backends import get_backend
 from alexnet_deploy.errors import UserError
 from alexnet_deploy.fileio import (
     check_writable_dir,
@@ -536,7 +537,6 @@ def load_engine(path: Path | str, threads: int | None = None) -> Engine:
             match the engine file, the backend is not installed, or the installed backend cannot
             run an engine built by the recorded version.
     """
-    from alexnet_deploy.backends import get_backend
 
     folder = engine_folder(path)
     sidecar = read_sidecar(folder)

@@ -65,7 +65,8 @@ import numpy as np
 import torch
 
 from alexnet_deploy import __version__
-from alexnet_deploy.data import imagenet1k_classes
+from alexnet_deploy.checkpoint import load_checkpoint, load_torch_file
+from alexnet_deploy.data import imagenet1k_classes, iter_batches
 from alexnet_deploy.errors import UserError, first_line
 from alexnet_deploy.fileio import atomic_path, check_output, check_writable_dir, sha256_file
 from alexnet_deploy.metadata import INPUT_NAME, OUTPUT_NAME, ModelInfo, write_model_info
@@ -121,7 +122,6 @@ class ExportSource:
 
 def source_from_checkpoint(path: Path | str) -> ExportSource:
     """The grouped (single-device) eval model of an alexnet-deploy checkpoint."""
-    from alexnet_deploy.checkpoint import load_checkpoint
 
     ckpt = load_checkpoint(path)
     if ckpt.preprocess.crop != ckpt.config.image_size:
@@ -137,7 +137,6 @@ def source_from_torchvision(path: Path | str) -> ExportSource:
     Its preprocessing is torchvision's: resize 256, center crop 224, ImageNet mean/std. Class
     names are the indices ``"0"`` .. ``"999"`` (no name list travels with torchvision weights).
     """
-    from alexnet_deploy.checkpoint import load_torch_file
 
     path = Path(path)
     state = load_torch_file(path, "torchvision weights",
@@ -382,7 +381,6 @@ def load_parity_images(source: str | Path, spec: PreprocessSpec, count: int) -> 
     """``count`` real images from ``source`` (an image folder, an ``.npz`` or ``synthetic:test``),
     preprocessed by ``spec``: float32 ``[n, 3, crop, crop]``. A seeded random subset, so a
     class-sorted folder still contributes several classes."""
-    from alexnet_deploy.data import iter_batches
 
     batches = [b.images for b in iter_batches(source, spec, batch_size=count, limit=count,
                                               seed=0, workers=0)]

@@ -152,7 +152,7 @@ def check_alexnet_graph(model: onnx.ModelProto, info: ModelInfo, where: str = "t
     """
     import torch
 
-    from alexnet_deploy.model import LAYERS, AlexNetConfig, AlexNetGrouped
+    from alexnet_deploy.model import LAYERS, AlexNetConfig, AlexNetGrouped  # lazy: torch
 
     hint = "pass the .onnx written by 'alexnet-deploy export'"
     try:

@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from alexnet_deploy import quantize
 from alexnet_deploy.errors import UserError, first_line  # noqa: F401 - backends use it
 
 if TYPE_CHECKING:
@@ -139,7 +140,6 @@ class Backend(ABC):
         with this backend's :attr:`qdq_target` and the ``keep_fp32`` layers left unquantized;
         with ``int8_fallback`` ``"fp16"`` (default :attr:`default_int8_fallback`) what is not
         quantized runs in FP16 (:func:`~alexnet_deploy.quantize.to_int8_fp16`)."""
-        from alexnet_deploy import quantize
 
         if precision == "fp16":
             return quantize.to_fp16(graph)

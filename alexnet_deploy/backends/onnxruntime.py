@@ -31,6 +31,8 @@ import numpy as np
 
 from alexnet_deploy.backends import Backend, InputMetadata, Runner
 from alexnet_deploy.onnxrt import cpu_session, session_options  # noqa: F401 - part of this backend's API
+from alexnet_deploy.quantize import lrn_channels_last
+from alexnet_deploy.rewrite import lrn_for_onnxruntime, record_rewrite
 
 if TYPE_CHECKING:
     import onnx
@@ -96,13 +98,10 @@ class OnnxRuntimeBackend(Backend):
         # the integer convs and pools costs layout transposes and float pools (measured: INT8 at
         # 1.2x FP32 with the NCHW form, 2.0x channels-last; docs/notes.md).
         if any(n.op_type == "QuantizeLinear" for n in graph.graph.node):
-            from alexnet_deploy.quantize import lrn_channels_last
-            from alexnet_deploy.rewrite import record_rewrite
 
             rewritten = lrn_channels_last(graph)
             record_rewrite(rewritten, "lrn_channels_last")
             return rewritten
-        from alexnet_deploy.rewrite import lrn_for_onnxruntime
 
         return lrn_for_onnxruntime(graph)
 

@@ -73,6 +73,8 @@ import numpy as np
 
 from alexnet_deploy.backends import Backend, InputMetadata, Runner, first_line
 from alexnet_deploy.errors import UserError
+from alexnet_deploy.fileio import atomic_path, write_json_atomic
+from alexnet_deploy.rewrite import lrn_fold_towers
 
 if TYPE_CHECKING:
     import onnx
@@ -195,7 +197,6 @@ class TimingCache:
         return blob
 
     def save(self, blob: bytes, version: str, say: Callable[[str], None]) -> None:
-        from alexnet_deploy.fileio import atomic_path, write_json_atomic
 
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -556,7 +557,6 @@ class TensorRtBackend(Backend):
     def rewrite_graph(self, graph: onnx.ModelProto) -> onnx.ModelProto:
         # one LRN layer over [2N, C/2, H, W] (TensorRT's LRN takes any 4-D tensor) instead of
         # Split / two LRNs / Concat; exact, but not built or timed on a GPU here
-        from alexnet_deploy.rewrite import lrn_fold_towers
 
         return lrn_fold_towers(graph)
 

@@ -14,6 +14,7 @@ from typing import Any
 
 import numpy as np
 
+from alexnet_deploy.engine import top_k_predictions
 from alexnet_deploy.errors import UserError
 from alexnet_deploy.serving import DEFAULT_TOP_K, IMAGE_INPUT, LABELS_OUTPUT
 
@@ -70,7 +71,6 @@ class Handler:
 
     def labels(self, logits: np.ndarray) -> np.ndarray:
         """``[n, top_k]`` class names (bytes) of the most probable classes, best first."""
-        from alexnet_deploy.engine import top_k_predictions
 
         predictions = top_k_predictions(logits, self.engine.sidecar.classes, self.top_k,
                                         [""] * len(logits))

@@ -31,8 +31,21 @@ from typing import Any
 
 import numpy as np
 
+from alexnet_deploy.bench import LatencyStats, load_images
+from alexnet_deploy.engine import host_info, load_engine
 from alexnet_deploy.errors import UserError
+from alexnet_deploy.fileio import atomic_path, write_json_atomic, write_text_atomic
+from alexnet_deploy.report import Section
 from alexnet_deploy.serving import DEFAULT_MAX_QUEUE_DELAY_US, DEFAULT_MODEL_NAME
+from alexnet_deploy.serving.handler import Handler
+from alexnet_deploy.serving.repository import batch_limits
+from alexnet_deploy.serving.server import (
+    Ports,
+    ServerProcess,
+    _require_pytriton,
+    free_ports,
+    serve_command,
+)
 
 PROTOCOLS = ("http", "grpc")
 BATCHING = {"on": True, "off": False}
@@ -94,7 +107,6 @@ class Level:
 
     def _percentiles(self) -> None:
         if self.latencies_ms:
-            from alexnet_deploy.bench import LatencyStats
 
             stats = LatencyStats.from_ms(self.latencies_ms)
             self.p50_ms, self.p95_ms, self.p99_ms = stats.p50, stats.p95, stats.p99
@@ -315,17 +327,6 @@ def run_loadtest(engine: Path | str, data: str | Path, *,
         report_path: write a markdown report (and a PNG beside it) here. Defaults to None.
         say: progress lines. Defaults to print.
     """
-    from alexnet_deploy.bench import load_images
-    from alexnet_deploy.engine import host_info, load_engine
-    from alexnet_deploy.serving.handler import Handler
-    from alexnet_deploy.serving.repository import batch_limits
-    from alexnet_deploy.serving.server import (
-        Ports,
-        ServerProcess,
-        _require_pytriton,
-        free_ports,
-        serve_command,
-    )
 
     _require_pytriton()
     concurrency, protocols, batching = list(concurrency), list(protocols), list(batching)
@@ -389,7 +390,6 @@ def run_loadtest(engine: Path | str, data: str | Path, *,
         result.levels = [pooled[(b, p, c)] for b in batching for p in protocols
                          for c in concurrency]
     if json_path:
-        from alexnet_deploy.fileio import write_json_atomic
 
         write_json_atomic(json_path, result.to_json())
     if report_path:
@@ -410,8 +410,6 @@ def _level_line(lv: Level) -> str:
 def write_loadtest_report(path: Path | str, result: LoadTestResult) -> list[Path]:
     """A markdown table of every level and ``STEM-loadtest.png`` beside it (throughput, p99 and
     server CPU per request against concurrency, one line per protocol and batching setting)."""
-    from alexnet_deploy.fileio import write_text_atomic
-    from alexnet_deploy.report import Section
 
     path = Path(path)
     plot = path.with_name(f"{path.stem}-loadtest.png")
@@ -460,7 +458,6 @@ def _find(result: LoadTestResult, batching: str, protocol: str, c: int) -> Level
 def _plot(result: LoadTestResult, dest: Path) -> None:
     from matplotlib.figure import Figure
 
-    from alexnet_deploy.fileio import atomic_path
 
     fig = Figure(figsize=(15, 4.2), dpi=110)
     ax_t, ax_p, ax_c = fig.subplots(1, 3)

@@ -39,6 +39,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from alexnet_deploy.engine import load_engine
 from alexnet_deploy.errors import UserError
 from alexnet_deploy.serving import (
     DEFAULT_MAX_QUEUE_DELAY_US,
@@ -47,6 +48,8 @@ from alexnet_deploy.serving import (
     IMAGE_INPUT,
     LABELS_OUTPUT,
 )
+from alexnet_deploy.serving.handler import Handler
+from alexnet_deploy.serving.repository import batch_limits, check_name
 
 SERVE_HINT = "pip install 'alexnet-deploy[serve]' (nvidia-pytriton, tritonclient[all])"
 READY_TIMEOUT_S = 120.0
@@ -136,8 +139,6 @@ def serve(engine: Path | str, *, ports: Ports = Ports(), name: str = DEFAULT_MOD
             name or a number is out of range.
         KeyboardInterrupt: on Ctrl-C, after the server has stopped.
     """
-    from alexnet_deploy.engine import load_engine
-    from alexnet_deploy.serving.repository import batch_limits, check_name
 
     _require_pytriton()
     check_name(name)
@@ -169,7 +170,6 @@ def _bound_triton(engine: Any, ports: Ports, name: str, max_batch_size: int,
     from pytriton.model_config import DynamicBatcher, ModelConfig, Tensor
     from pytriton.triton import Triton, TritonConfig
 
-    from alexnet_deploy.serving.handler import Handler
 
     handler = Handler(engine, top_k=top_k)
 
