@@ -47,7 +47,7 @@ from alexnet_deploy.backends.tensorrt import default_opt_batch, default_timing_c
 from alexnet_deploy.bench import bench_runners
 from alexnet_deploy.calibrate import amax_table, collect_activations, load_calibration, model_input
 from alexnet_deploy.calibrators import make_calibrator
-from alexnet_deploy.data import dataset_fingerprint, iter_batches, open_dataset
+from alexnet_deploy.data import dataset_fingerprint, iter_batches, label_map, open_dataset
 from alexnet_deploy.engine import (
     BUILD_PRECISIONS,
     EngineSidecar,
@@ -451,7 +451,10 @@ def tune_int8(model: onnx.ModelProto, calibration: Any, data: str, spec: Any,
         held_labels = np.concatenate([held_labels, held_labels])
         views.append(f"gaussian noise {noise_view:g}")
     budget = dataclasses.replace(budget, views=len(views))
-    use_labels = held_labels if list(dataset.class_names) == list(classes) else None
+    try:  # accuracy against the labels where the data has the model's classes
+        use_labels = label_map(classes, dataset)[held_labels]
+    except UserError:
+        use_labels = None
     reference = _search_logits(model, held)
     candidates: dict[str, Any] = {}
     if calibration is not None:

@@ -48,7 +48,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from alexnet_deploy.checkpoint import load_checkpoint
-from alexnet_deploy.data import SkippedImages, iter_batches, open_dataset
+from alexnet_deploy.data import SkippedImages, iter_batches, label_map, open_dataset
 from alexnet_deploy.engine import Engine, load_engine
 from alexnet_deploy.errors import UserError
 from alexnet_deploy.fileio import check_output, sha256_file, write_json_atomic
@@ -294,21 +294,6 @@ def load_reference(path: str | Path, threads: int | None = None
     return run_torch, ckpt.preprocess, list(ckpt.classes), {ckpt.sha256}
 
 
-def label_map(classes: list[str], dataset: ImageDataset) -> np.ndarray:
-    """``map[data label] -> engine class index``; UserError when the data's classes are not
-    the engine's (matched by name, then by folder id, then by ImageNet-1k index)."""
-    index = {name: i for i, name in enumerate(classes)}
-    for keys in (dataset.class_names, dataset.class_ids):
-        if all(k in index for k in keys):
-            return np.array([index[k] for k in keys], np.int64)
-    imagenet = getattr(dataset, "imagenet1k_index", None)
-    if imagenet is not None and len(classes) == 1000:
-        return np.array(imagenet, np.int64)
-    missing = next(k for k in dataset.class_names if k not in index)
-    raise UserError(f"data {dataset.source} has class {missing!r}, which the engine does not "
-                    f"know (its classes: {', '.join(classes[:5])}{' ...' if len(classes) > 5 else ''})"
-                    ": validate on data with the classes the model was trained on")
-
 
 def validate_engine(engine: str | Path | Engine, reference: str | Path,
                     data: str | Path | ImageDataset, *, max_top1_drop: float = 0.5,
@@ -371,7 +356,7 @@ def validate_engine(engine: str | Path | Engine, reference: str | Path,
             raise UserError(f"reference {reference} has {len(ref_classes)} classes, engine "
                             f"{loaded.path} has {sc.num_classes}: they are different models")
         dataset = open_dataset(data)
-        to_engine_class = label_map(sc.classes, dataset)
+        to_engine_class = label_map(sc.classes, dataset, model="the engine")
         total = len(dataset) if limit is None else min(limit, len(dataset))
         if batch_size is None:
             batch_size = min(32, sc.max_batch or 32)

@@ -13,6 +13,7 @@ from conftest import make_small_model
 
 from alexnet_deploy.build import build_engine
 from alexnet_deploy.cli import cli
+from alexnet_deploy.data import label_map
 from alexnet_deploy.errors import UserError
 from alexnet_deploy.metadata import read_model_info, write_model_info
 from alexnet_deploy.preprocess import PreprocessSpec
@@ -20,7 +21,6 @@ from alexnet_deploy.validate import (
     ValidationResult,
     _Accumulator,
     _failures,
-    label_map,
     validate_engine,
 )
 
@@ -75,12 +75,12 @@ def test_accumulator_metrics_on_hand_computed_logits():
 
 def test_label_map_matches_classes_by_name_then_id_then_imagenet_index():
     ds = types.SimpleNamespace(source="d", class_names=["b", "a"], class_ids=["n2", "n1"],
-                               imagenet1k_index=[7, 3])
+                               num_classes=2, imagenet1k_index=[7, 3])
     assert label_map(["a", "b", "c"], ds).tolist() == [1, 0]
     assert label_map(["n1", "n2"], ds).tolist() == [1, 0]
     assert label_map([str(i) for i in range(1000)], ds).tolist() == [7, 3]
-    with pytest.raises(UserError, match="has class 'b', which the engine does not know"):
-        label_map(["x", "y"], ds)
+    with pytest.raises(UserError, match=r"has class 'b' \(2 classes\), which the engine does not"):
+        label_map(["x", "y"], ds, model="the engine")
 
 
 # ---- against real engines ----
@@ -229,7 +229,7 @@ def test_data_with_other_classes_is_refused(engines, small_model, tmp_path):
     np.savez(npz, images=rng.integers(0, 255, (4, 80, 80, 3), dtype=np.uint8),
              labels=np.array([0, 1, 0, 1]), classes=np.array(["cat", "dog"]))
     expect_error(run("--engine", str(engines / "fp32"), "--reference", str(small_model["onnx"]),
-                     "--data", str(npz)), "has class 'cat', which the engine does not know")
+                     "--data", str(npz)), "has class 'cat' (2 classes), which the engine does not know")
 
 
 @pytest.mark.parametrize("option, message", [
