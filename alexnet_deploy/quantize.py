@@ -83,7 +83,6 @@ difference, the normal bound on the discordant pairs.
 from __future__ import annotations
 
 import time
-from collections import defaultdict
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
@@ -93,7 +92,17 @@ import numpy as np
 from alexnet_deploy import metadata as meta
 from alexnet_deploy.calibrators import INT8_MAX
 from alexnet_deploy.errors import UserError
-from alexnet_deploy.graph import LRNBlock, inferred_value_info, lrn_blocks, node_label
+from alexnet_deploy.graph import (
+    LRNBlock,
+    consumers_of,
+    inferred_value_info,
+    initializers_of,
+    is_square,
+    lrn_blocks,
+    lrn_regions,
+    node_label,
+    producers_of,
+)
 from alexnet_deploy.metadata import get_meta, set_meta
 from alexnet_deploy.onnxrt import ort_logits
 
@@ -121,29 +130,11 @@ _NONNEG_ALL_INPUTS = ("Mul", "Div", "Add", "Concat", "Max", "Min", "Sum", "Conv"
 FP32_ISLAND_OPS = ("LRN", "Softmax", "LogSoftmax")
 MIN_QDQ_OPSET = 13  # per-channel DequantizeLinear (the axis attribute)
 UINT8_MAX = 255
-_MAX_LRN_REGION = 32  # nodes; a larger "region" is not an LRN block
 _LRN_GEMM_MAX_CHANNELS = 64  # channels-last LRN: banded Gemm window up to this tower width
 
 
 # ---------------------------------------------------------------------------------------------
 # graph helpers
-
-
-def _producers(graph: onnx.GraphProto) -> dict[str, onnx.NodeProto]:
-    return {out: node for node in graph.node for out in node.output if out}
-
-
-def _consumers(graph: onnx.GraphProto) -> dict[str, list[onnx.NodeProto]]:
-    found: dict[str, list] = defaultdict(list)
-    for node in graph.node:
-        for name in dict.fromkeys(node.input):
-            if name:
-                found[name].append(node)
-    return found
-
-
-def _initializers(graph: onnx.GraphProto) -> dict[str, onnx.TensorProto]:
-    return {t.name: t for t in graph.initializer}
 
 
 def opset_version(model: onnx.ModelProto) -> int:
@@ -189,52 +180,6 @@ def _copy(model: onnx.ModelProto) -> onnx.ModelProto:
     return out
 
 
-def _is_square(node: onnx.NodeProto, inits: Mapping[str, Any]) -> bool:
-    """``Mul(x, x)`` or ``Pow(x, 2)``: how an element-wise LRN starts."""
-    if node.op_type == "Mul" and len(node.input) == 2 and node.input[0] == node.input[1]:
-        return True
-    if node.op_type == "Pow" and len(node.input) == 2 and node.input[1] in inits:
-        from onnx import numpy_helper
-
-        exponent = numpy_helper.to_array(inits[node.input[1]])
-        return exponent.size == 1 and float(exponent.reshape(())) == 2.0
-    return False
-
-
-def lrn_regions(model: onnx.ModelProto) -> list[set[str]]:
-    """Node labels of every LRN block: a native ``LRN`` node, or the element-wise form.
-
-    The element-wise form starts at a square of ``x`` (``Mul(x, x)`` / ``Pow(x, 2)``) and ends at
-    the first node that reads ``x`` again (the final multiply or divide); the region is every node
-    on a path between them, window-sum Conv included. Backend rewrites may lay the block out as
-    they like (NCHW or NHWC, Conv or MatMul window, Pow or Sqrt); this finds it by structure.
-    """
-    graph = model.graph
-    inits = _initializers(graph)
-    consumers = _consumers(graph)
-    regions = [set(block.nodes) for block in lrn_blocks(model)]
-    for node in graph.node:
-        if node.op_type == "LRN":
-            continue
-        if not _is_square(node, inits):
-            continue
-        x = node.input[0]
-        region, frontier, closed = {node_label(node)}, list(node.output), False
-        while frontier and len(region) <= _MAX_LRN_REGION:
-            for consumer in consumers.get(frontier.pop(), []):
-                label = node_label(consumer)
-                if label in region:
-                    continue
-                region.add(label)
-                if x in consumer.input:
-                    closed = True  # the final multiply / divide by x closes the block
-                else:
-                    frontier.extend(consumer.output)
-        if closed and len(region) <= _MAX_LRN_REGION:
-            regions.append(region)
-    return regions
-
-
 def _lrn_nodes(model: onnx.ModelProto) -> set[str]:
     return {label for region in lrn_regions(model) for label in region}
 
@@ -258,7 +203,7 @@ def weighted_layers(model: onnx.ModelProto) -> list[WeightedLayer]:
     LRN (it stays float).
     """
     graph = model.graph
-    inits = _initializers(graph)
+    inits = initializers_of(graph)
     skip = _lrn_nodes(model)
     layers = []
     for node in graph.node:
@@ -281,12 +226,12 @@ def nonnegative_tensors(model: onnx.ModelProto) -> set[str]:
     from onnx import numpy_helper
 
     graph = model.graph
-    inits = _initializers(graph)
+    inits = initializers_of(graph)
     nonneg = {name for name, t in inits.items()
               if t.data_type in (1, 10, 11) and bool(np.all(numpy_helper.to_array(t) >= 0))}
     for node in graph.node:  # graph order is topological
         op, ins = node.op_type, [i for i in node.input if i]
-        if op in _NONNEG_SOURCES or _is_square(node, inits):
+        if op in _NONNEG_SOURCES or is_square(node, inits):
             ok = True
         elif op in ("Reshape", "Pow"):
             ok = bool(ins) and ins[0] in nonneg  # shape / exponent inputs do not matter
@@ -429,7 +374,7 @@ def _plan_int8(model: onnx.ModelProto, amax: Mapping[str, float], target: str,
         raise UserError(f"cannot keep {unknown} in FP32: the model's layers are "
                         f"{', '.join(names)}")
     quantized = [layer for layer in layers if layer.name not in keep]
-    producers, consumers = _producers(graph), _consumers(graph)
+    producers, consumers = producers_of(graph), consumers_of(graph)
     cpu = target == "cpu"
     nonneg = nonnegative_tensors(model) if cpu else set()
     convs = {layer.name for layer in quantized if layer.op_type == "Conv"}
@@ -528,7 +473,7 @@ def to_int8(model: onnx.ModelProto, calibration: Any, target: Target = "tensorrt
     plan = _plan_int8(model, _amax_table(calibration), target, keep_fp32)
     out = _copy(model)
     graph = out.graph
-    inits = _initializers(graph)
+    inits = initializers_of(graph)
     by_label = {node_label(n): n for n in graph.node}
     new_nodes, new_inits, replaced = [], [], set()
 
@@ -795,8 +740,8 @@ def _integer_lrn_io(model: onnx.ModelProto, block: LRNBlock) -> dict | None:
     from onnx import numpy_helper
 
     graph = model.graph
-    producers, consumers = _producers(graph), _consumers(graph)
-    values = _initializers(graph)
+    producers, consumers = producers_of(graph), consumers_of(graph)
+    values = initializers_of(graph)
 
     def per_tensor_u8(node) -> float | None:
         if len(node.input) < 3 or node.input[1] not in values or node.input[2] not in values:

@@ -37,7 +37,7 @@ it (a ``DequantizeLinear`` included) and keeps the block's output name, so QDQ p
 calibration keys are untouched and the float window convolution (``lrnK.window``) is never
 quantized. Where a quantizer has put Q/DQ pairs between the Split and each LRN (ONNX Runtime's
 ``quantize_static`` does), each tower's LRN is rewritten on its own, one group each, still exact.
-A graph rewritten first is still recognised by :func:`alexnet_deploy.quantize.lrn_regions`
+A graph rewritten first is still recognised by :func:`alexnet_deploy.graph.lrn_regions`
 (``Mul(x, x)`` ... ``Div(x, .)``) in the default form; the ``prescale`` form is not.
 """
 

@@ -17,7 +17,7 @@ import torch
 
 from alexnet_deploy import quantize as Q
 from alexnet_deploy.errors import UserError
-from alexnet_deploy.graph import lrn_blocks
+from alexnet_deploy.graph import lrn_blocks, lrn_regions
 
 onnx = pytest.importorskip("onnx")
 ort = pytest.importorskip("onnxruntime")
@@ -244,7 +244,7 @@ def test_layers_are_conv1_to_fc8_and_lrn_window_is_not_one(small_model):
     assert any(n.op_type == "Conv" and n.name.startswith("lrn") for n in rewritten.graph.node)
     assert [layer.name for layer in Q.weighted_layers(rewritten)] == LAYERS
     assert [layer.name for layer in Q.weighted_layers(Q.lrn_channels_last(model))] == LAYERS
-    regions = Q.lrn_regions(model)
+    regions = lrn_regions(model)
     assert regions == [{"lrn1.split", "lrn1.lrn0", "lrn1.lrn1", "lrn1"},
                        {"lrn2.split", "lrn2.lrn0", "lrn2.lrn1", "lrn2"}]
 

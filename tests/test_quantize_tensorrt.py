@@ -12,6 +12,7 @@ from onnx import TensorProto
 
 from alexnet_deploy import quantize as Q
 from alexnet_deploy.errors import UserError
+from alexnet_deploy.graph import producers_of
 
 
 def meta(model: onnx.ModelProto) -> dict:
@@ -47,7 +48,7 @@ def test_scales_are_float16_and_everything_outside_lrn_is_float16(graphs):
     f32 = {t.name for t in mixed.graph.initializer if t.data_type == TensorProto.FLOAT}
     assert f32 <= lrn_reads
     # what enters an LRN block is cast to float32 first
-    producers = Q._producers(mixed.graph)
+    producers = producers_of(mixed.graph)
     entries = [producers[i] for n in mixed.graph.node if Q.node_label(n) in lrn
                for i in n.input if i in producers and Q.node_label(producers[i]) not in lrn]
     assert len(entries) == 2  # one per LRN block
