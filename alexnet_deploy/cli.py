@@ -416,12 +416,11 @@ def demo(data, val_data, devices, backend, epochs, report_dir, bench_seconds, th
     from pathlib import Path
 
     # lazy, like every command here: --help stays fast
-    from alexnet_deploy.demo import DemoConfig, check_config, run_demo, summary_lines
+    from alexnet_deploy.demo import DemoConfig, run_demo, summary_lines
 
     cfg = DemoConfig(data=data, val_data=val_data, devices=devices, backend=backend,
                      epochs=epochs, report_dir=Path(report_dir), bench_seconds=bench_seconds,
                      threads=threads)
-    check_config(cfg)
     result = run_demo(cfg, say=click.echo)
     for line in summary_lines(result):
         click.echo(line)

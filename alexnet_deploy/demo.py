@@ -31,7 +31,7 @@ from alexnet_deploy.data import open_dataset
 from alexnet_deploy.engine import BUILD_PRECISIONS, load_engine
 from alexnet_deploy.errors import UserError
 from alexnet_deploy.export import run_export
-from alexnet_deploy.fileio import check_output, check_writable_dir
+from alexnet_deploy.fileio import check_output
 from alexnet_deploy.report import Section, plot_paths, write_report
 from alexnet_deploy.validate import validate_engine
 
@@ -128,12 +128,9 @@ def _is_newer(path: Path, than: Path) -> bool:
 def run_demo(cfg: DemoConfig, say: Callable[[str], None] = print) -> DemoResult:
     """Run every stage; see the module docstring. Returns what was written and measured."""
 
+    check_config(cfg)  # every option and output path, before any work
     root = Path(cfg.root)
     run_dir = root / "train" / cfg.name
-    # checked now, created only when a stage writes there
-    for path in (run_dir / "last.pt", root / "calibration" / "x.json",
-                 root / "engines" / "x", cfg.report_dir / "report.md"):
-        check_writable_dir(path)
     steps = 7
 
     say(f"[1/{steps}] train  {cfg.recipe} recipe on {cfg.data}, towers on "
