@@ -20,10 +20,12 @@ What a build does, in order:
 2. pick the backend (``auto``: TensorRT on a GPU where installed, else OpenVINO, else ONNX Runtime);
 3. INT8: load the calibration, refusing one made for another model (sha256 of the ``.onnx``);
    with an accuracy budget (``--min-agreement`` and/or ``--max-top1-drop``), tune on
-   ``--calibration-data`` (:func:`tune_int8`): calibrate on one part of the images with every
-   method, keep the method whose all-INT8 graph agrees best with FP32 on the held-out rest, then
-   keep the costliest layers in FP32 until the budget holds there at ``--confidence``
-   (:func:`quantize.choose_fp32_layers`), and time the chosen graph against the all-INT8 one;
+   ``--calibration-data`` (:func:`tune_int8`): hold out the images training left out when that
+   is the model's training data (:func:`tuning_split`), calibrate on others with every method;
+   if no all-INT8 graph meets the budget on the held-out images at ``--confidence``, put layers
+   in INT8 cheapest first while it holds (:func:`quantize.choose_fp32_layers`, for the two best
+   methods, keeping the mix with more INT8 multiply-accumulates), and time the chosen graph
+   against the all-INT8 one;
 4. make the graph for the precision (``Backend.precision_graph``), apply the backend's exact
    rewrite (``Backend.rewrite_graph``), with ``--input uint8-nhwc`` put the preprocessing
    arithmetic in front (:func:`rewrite.uint8_nhwc_input`), build the artifact, and write the
@@ -47,7 +49,13 @@ from alexnet_deploy.backends.tensorrt import default_opt_batch, default_timing_c
 from alexnet_deploy.bench import bench_runners
 from alexnet_deploy.calibrate import amax_table, collect_activations, load_calibration, model_input
 from alexnet_deploy.calibrators import make_calibrator
-from alexnet_deploy.data import dataset_fingerprint, iter_batches, label_map, open_dataset
+from alexnet_deploy.data import (
+    dataset_fingerprint,
+    holdout_indices,
+    iter_batches,
+    label_map,
+    open_dataset,
+)
 from alexnet_deploy.engine import (
     BUILD_PRECISIONS,
     EngineSidecar,
@@ -70,6 +78,7 @@ from alexnet_deploy.quantize import (
     TARGETS,
     Budget,
     choose_fp32_layers,
+    layer_macs,
     required_activations,
     to_int8,
     to_int8_fp16,
@@ -88,12 +97,14 @@ CALIBRATION_IMAGES = 1024
 HELD_OUT_IMAGES = 4096
 HELD_OUT_BYTES = 512 * 2**20
 CALIBRATION_METHODS = ("entropy", "percentile", "mse", "minmax")
-# The held-out images are judged twice, clean and with seeded Gaussian noise of this standard
-# deviation (in normalized units: about 17 of 255 levels), and the budget must hold on both
-# (--noise-view; 0 judges clean images only). When --calibration-data is the model's own training
-# set (the CIFAR recipe's case), clean held-out images flatter INT8: the model fits them, and its
-# agreement on unseen images came out ~0.5 point lower (docs/results.md, "INT8 accuracy budget").
-STRESS_NOISE = 0.3
+SEARCHED_METHODS = 2  # the layer search runs for this many of the best methods (all-INT8)
+# With --noise-view SIGMA > 0 the held-out images are judged twice, clean and with seeded
+# Gaussian noise of that standard deviation (normalized units), and the budget must hold on both.
+# Off by default: as a stand-in for images the model never saw it did not carry over. On a
+# model trained on 8,000 CIFAR images, a budget tuned on those images with noise 0.3 measured
+# 98.85% on 2,000 images it never saw (CPU placement; docs/results.md). Unseen held-out images
+# are what works: train with --holdout and tune on the same data (tuning_split).
+STRESS_NOISE = 0.0
 SPEED_BATCH = 16  # the speed cost: chosen vs all-INT8 graph, interleaved, on the engine backend
 SPEED_SECONDS = 2.0
 
@@ -145,9 +156,18 @@ def tuning_lines(t: dict[str, Any]) -> list[str]:
     """The lines ``build`` prints about an accuracy-budgeted INT8 build."""
     held = t["held_out"]
     methods = "  ".join(f"{k} {100 * v['agreement']:.2f}%" for k, v in t["methods"].items())
+    source = {"holdout": "the training holdout, unseen by the model",
+              "training data": "images the model was trained on",
+              "other data": "not the model's training data"}.get(
+        t["data"].get("held_out_from"), "")
     lines = [(f"budget     {t['budget']['text']} on {held['num_images']} held-out images "
-              f"({t['data']['calibration_images']} others calibrated)"),
+              f"({source}; {t['data']['calibration_images']} others calibrated)"),
              f"methods    all-INT8 agreement: {methods}; chose {t['method']}"]
+    searched = t.get("searched", {})
+    if len(searched) > 1:
+        lines.append("search     INT8 share of multiply-accumulates, budget met: " + ", ".join(
+            f"{k} {100 * v['int8_mac_share']:.0f}% {'yes' if v['fits'] else 'no'}"
+            for k, v in searched.items()))
     for label, m in (("all INT8", t["all_int8"]), ("chosen", held)):
         lines.append(f"{label:10s} agreement {100 * m['agreement']:.2f}% (>= "
                      f"{100 * m['agreement_low']:.2f}%), top-1 {t['measure']} "
@@ -232,7 +252,7 @@ def build_engine(model_path: str | Path, precision: str, out: str | Path, *,
             ``float32-nchw``.
         noise_view: with a budget, also judge the held-out images with Gaussian noise of this
             standard deviation added (normalized units); 0 judges clean images only. Defaults to
-            :data:`STRESS_NOISE`.
+            :data:`STRESS_NOISE` (0).
 
     Raises:
         UserError: a bad option, a model or calibration that does not fit, a backend that is
@@ -307,7 +327,12 @@ def build_engine(model_path: str | Path, precision: str, out: str | Path, *,
         if not noise_view >= 0:
             raise UserError(f"--noise-view must be >= 0, got {noise_view}")
         tuning, cal, mixed = tune_int8(model, cal, calibration_data, spec, info.classes, budget,
-                                       target, progress, noise_view)
+                                       target, progress, noise_view, info.training_data)
+        if tuning["data"]["held_out_from"] == "training data":
+            messages.append(f"--calibration-data {calibration_data} is the data the model was "
+                            "trained on and training held none of it out: the budget is "
+                            "measured on images the model has fitted, which flatters INT8 "
+                            "(train with --holdout N, or tune on other images)")
         keep_fp32 = list(mixed.fp32_layers)
         if not mixed.fits:
             closest = ", ".join(mixed.closest or []) or "none"
@@ -386,38 +411,74 @@ def build_engine(model_path: str | Path, precision: str, out: str | Path, *,
                        messages=messages, tuning=tuning)
 
 
-def _read_images(data: str, spec: Any, limit: int, progress: bool) -> tuple[Any, Any, Any]:
-    """``(images, labels, dataset)``: up to ``limit`` images of ``data`` (seeded random order)."""
+def tuning_split(dataset: Any, training_data: dict[str, Any], n_cal: int, held_cap: int
+                 ) -> tuple[Any, Any, str]:
+    """``(calibration positions, held-out positions, source)`` in ``dataset`` for the budget.
+
+    When ``dataset`` is the model's training data (same fingerprint as the exported
+    ``training_data`` record) and training held images out, the held-out part is exactly those
+    (at most ``held_cap``, a seeded draw of them) and calibration draws from the rest. Otherwise
+    one seeded permutation gives ``n_cal`` calibration images, then up to ``held_cap`` held out;
+    a set too small for both gives calibration a third. ``source``: ``"holdout"``,
+    ``"training data"`` (the model's, none held out: the budget flatters INT8) or
+    ``"other data"`` (not the training data, as far as the model's metadata says).
+    """
+    import numpy as np
+
+
+    n = len(dataset)
+    rng = np.random.default_rng(0)
+    trained_on = bool(training_data) and \
+        training_data.get("fingerprint") == dataset_fingerprint(dataset)
+    holdout = int(training_data.get("holdout") or 0) if trained_on else 0
+    if holdout > 0 and training_data.get("images") in (None, n):
+        held = holdout_indices(n, holdout, int(training_data.get("holdout_seed") or 0))
+        if len(held) > held_cap:
+            held = np.sort(rng.choice(held, size=held_cap, replace=False))
+        rest = np.setdiff1d(np.arange(n), held)
+        cal = np.sort(rng.choice(rest, size=min(n_cal, len(rest)), replace=False))
+        return cal, held, "holdout"
+    if n_cal and n < n_cal + held_cap:
+        n_cal = min(n_cal, n // 3)
+    order = rng.permutation(n)
+    return (np.sort(order[:n_cal]), np.sort(order[n_cal:n_cal + held_cap]),
+            "training data" if trained_on else "other data")
+
+
+def read_images(dataset: Any, spec: Any, indices: Any, progress: bool, what: str
+                 ) -> tuple[Any, Any]:
+    """``(images, labels)``: the preprocessed images at ``indices`` (unreadable ones left
+    out)."""
     import numpy as np
     from tqdm import tqdm
 
 
-    dataset = open_dataset(data)
-    limit = min(limit, len(dataset))
     images, labels = [], []
     # disable=None: quiet when stderr is not a terminal (logs, CI)
-    with tqdm(total=limit, desc="tuning images", unit="img",
+    with tqdm(total=len(indices), desc=what, unit="img",
               disable=None if progress else True, leave=False) as bar:
-        for batch in iter_batches(dataset, spec, batch_size=64, limit=limit, seed=0):
+        for batch in iter_batches(dataset, spec, batch_size=64, indices=indices):
             images.append(batch.images)
             labels.append(batch.labels)
             bar.update(len(batch.labels))
     if not images:
-        raise UserError(f"--calibration-data {data}: no readable images")
-    return np.concatenate(images), np.concatenate(labels), dataset
+        return np.zeros((0, *spec.input_shape), np.float32), np.zeros(0, np.int64)
+    return np.concatenate(images), np.concatenate(labels)
 
 
 def tune_int8(model: onnx.ModelProto, calibration: Any, data: str, spec: Any,
               classes: list[str], budget: Any, target: str, progress: bool = True,
-              noise_view: float = STRESS_NOISE) -> tuple[dict[str, Any], Any, Any]:
+              noise_view: float = STRESS_NOISE, training_data: dict[str, Any] | None = None
+              ) -> tuple[dict[str, Any], Any, Any]:
     """Choose the calibration and the layers kept in FP32 that meet ``budget`` on held-out
     images of ``data``; every graph runs on ONNX Runtime, whatever the engine's backend.
 
-    Without ``calibration``: the first :data:`CALIBRATION_IMAGES` images read are calibrated
-    with each of :data:`CALIBRATION_METHODS` (one pass, one histogram per tensor); the rest (up
-    to :data:`HELD_OUT_IMAGES`) are held out, and the method whose all-INT8 graph has the best
-    held-out agreement (then smallest top-1 drop) wins. With ``calibration`` the method is fixed
-    and every image read is held out. Labels count only when the data's classes are the model's;
+    The images are split by :func:`tuning_split`: held out are the images training left out
+    when ``data`` is the model's training data (``training_data``, the exported record) and it
+    held some out, else a seeded draw. Without ``calibration``: :data:`CALIBRATION_IMAGES` others
+    are calibrated with each of :data:`CALIBRATION_METHODS` (one pass, one histogram per
+    tensor), and the method whose all-INT8 graph has the best held-out agreement (then smallest
+    top-1 drop) wins. With ``calibration`` the method is fixed and nothing else is read. Labels count only when the data's classes are the model's;
     otherwise drops are disagreement with FP32. With ``noise_view`` > 0 every held-out image is
     also judged with seeded Gaussian noise of that deviation added, and the budget must hold on
     both views (:class:`~alexnet_deploy.quantize.Budget` ``views``).
@@ -436,14 +497,17 @@ def tune_int8(model: onnx.ModelProto, calibration: Any, data: str, spec: Any,
     start = time.perf_counter()
     c, h, w = spec.input_shape
     held_cap = max(64, min(HELD_OUT_IMAGES, HELD_OUT_BYTES // (4 * c * h * w)))
-    n_cal = 0 if calibration is not None else CALIBRATION_IMAGES
-    images, labels, dataset = _read_images(data, spec, n_cal + held_cap, progress)
-    if calibration is None and len(images) < 128:
-        raise UserError(f"--calibration-data {data}: {len(images)} readable images; an "
-                        "accuracy budget needs at least 128 (a calibration and a held-out part)")
-    if calibration is None and len(images) < n_cal + held_cap:
-        n_cal = min(n_cal, len(images) // 3)  # a small set: a third calibrates
-    held, held_labels = images[n_cal:], labels[n_cal:]
+    dataset = open_dataset(data)
+    cal_at, held_at, source = tuning_split(dataset, training_data or {},
+                                           0 if calibration is not None else CALIBRATION_IMAGES,
+                                           held_cap)
+    images, _ = read_images(dataset, spec, cal_at, progress, "calibration images")
+    held, held_labels = read_images(dataset, spec, held_at, progress, "held-out images")
+    n_cal = len(images)
+    if len(held) < 64 or (calibration is None and n_cal < 64):
+        raise UserError(f"--calibration-data {data}: {n_cal + len(held)} readable images; an "
+                        "accuracy budget needs at least 128 (a calibration and a held-out part "
+                        "of 64 or more each)")
     views = ["clean"]
     if noise_view > 0:
         noise = np.random.default_rng(0).standard_normal(held.shape, dtype=np.float32)
@@ -455,7 +519,7 @@ def tune_int8(model: onnx.ModelProto, calibration: Any, data: str, spec: Any,
         use_labels = label_map(classes, dataset)[held_labels]
     except UserError:
         use_labels = None
-    reference = _search_logits(model, held)
+    reference = search_logits(model, held)
     candidates: dict[str, Any] = {}
     if calibration is not None:
         candidates[getattr(calibration, "method", "file")] = calibration
@@ -466,23 +530,41 @@ def tune_int8(model: onnx.ModelProto, calibration: Any, data: str, spec: Any,
                                     tensors=tensors, total=n_cal, progress=progress)
         for method in CALIBRATION_METHODS:
             candidates[method] = amax_table(stats.histograms, make_calibrator(method))[0]
-    scores = {method: budget.measure(reference, _search_logits(to_int8(model, cal, target), held),
+    scores = {method: budget.measure(reference, search_logits(to_int8(model, cal, target), held),
                                      use_labels)
               for method, cal in candidates.items()}
     # best held-out agreement, then smallest drop; ties keep CALIBRATION_METHODS' order
-    method = max(scores, key=lambda k: (scores[k].agreement, -scores[k].drop))
-    chosen = candidates[method]
-    mixed = choose_fp32_layers(model, chosen, held, budget, target=target, labels=use_labels,
-                               run=_search_logits, reference=reference)
+    ranked = sorted(scores, key=lambda k: (-scores[k].agreement, scores[k].drop))
+    # When all-INT8 misses, the layer search runs for the SEARCHED_METHODS best methods and the
+    # mix with the most INT8 multiply-accumulates wins (all-INT8 agreement does not say whose
+    # layers are cheapest alone: on the CIFAR model entropy and percentile tied at 98.45%, and
+    # percentile's conv4 changed 3 held-out answers where entropy's changed 8).
+    macs = layer_macs(model)
+    searched: dict[str, Any] = {}
+    for name in ranked[:1 if budget.fits(scores[ranked[0]]) else SEARCHED_METHODS]:
+        searched[name] = choose_fp32_layers(model, candidates[name], held, budget, target=target,
+                                            labels=use_labels, run=search_logits,
+                                            reference=reference)
+
+    def int8_share(k: str) -> float:
+        return sum(v for n, v in macs.items() if n not in searched[k].fp32_layers) / \
+            sum(macs.values())
+
+    method = max(searched, key=lambda k: (searched[k].fits, int8_share(k),
+                                          searched[k].final.agreement_low))
+    chosen, mixed = candidates[method], searched[method]
     tuning = {
         "budget": {"min_agreement": budget.min_agreement, "max_top1_drop": budget.max_top1_drop,
                    "confidence": budget.confidence, "text": budget.describe()},
         "data": {"path": str(data), "fingerprint": dataset_fingerprint(dataset),
                  "calibration_images": n_cal, "held_out_images": len(held) // len(views),
-                 "seed": 0, "views": views},
+                 "held_out_from": source, "seed": 0, "views": views},
         "placement": target,
         "measure": mixed.measure,
         "methods": {k: v.to_dict() for k, v in scores.items()},
+        "searched": {k: {"fp32_layers": v.fp32_layers, "fits": v.fits,
+                         "int8_mac_share": round(int8_share(k), 4)}
+                     for k, v in searched.items()},
         "method": method,
         "calibration": {k: float(v) for k, v in getattr(chosen, "amax", chosen).items()},
         "all_int8": mixed.all_int8.to_dict(),
@@ -536,7 +618,7 @@ def _speed_cost(backend: Any, chosen: onnx.ModelProto, all_int8: onnx.ModelProto
             "note": "timed during the build: other load on the machine skews it"}
 
 
-def _search_logits(graph: onnx.ModelProto, images: Any, batch_size: int = 64) -> Any:
+def search_logits(graph: onnx.ModelProto, images: Any, batch_size: int = 64) -> Any:
     """Logits of one candidate graph in the search, on ONNX Runtime with its fast exact LRN
     form (the search runs the model about twice per layer; native LRN would double its time)."""
     import numpy as np

@@ -15,6 +15,8 @@ A checkpoint is a ``torch.save`` dict, loadable with ``torch.load(weights_only=T
 ``rng``            RNG states (torch CPU, numpy, python) for bit-exact resume
 ``metrics``        last epoch's metrics dict
 ``recipe``         the resolved training recipe
+``training_data``  ``fingerprint`` and ``images`` of the training data, and the ``holdout``
+                   count and ``holdout_seed`` of the images training left out
 =================  ==========================================================================
 
 Writes are atomic (temporary file + rename): an interrupted save never leaves a half-written file.
@@ -60,6 +62,17 @@ class Checkpoint:
     @property
     def sha256(self) -> str:
         return sha256_file(self.path)
+
+    @property
+    def training_data(self) -> dict[str, Any]:
+        """What :data:`~alexnet_deploy.metadata.TRAINING_DATA` records: the training data's
+        fingerprint and the images it held out (``{}`` when the checkpoint does not say)."""
+        record = self.state.get("training_data")
+        if isinstance(record, dict):
+            return dict(record)
+        if "data_fingerprint" in self.state:  # written before holdouts existed: none held out
+            return {"fingerprint": str(self.state["data_fingerprint"]), "holdout": 0}
+        return {}
 
     def training_model(self, devices=("cpu", "cpu")) -> torch.nn.Module:
         """The model in its training form (two towers for ``arch="paper"``), weights loaded."""

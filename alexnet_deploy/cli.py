@@ -25,6 +25,7 @@ from alexnet_deploy.errors import UserError
 # Option ranges, defined once: click refuses a value outside them before any work starts.
 COUNT = click.IntRange(min=1)  # images, batch sizes, threads, epochs, calls
 WORKERS = click.IntRange(min=0)  # decode processes; 0 decodes in the main process
+NON_NEGATIVE_INT = click.IntRange(min=0)  # image counts where 0 means none (a holdout)
 POSITIVE = click.FloatRange(min=0.0, min_open=True)  # seconds, learning rate, width
 NON_NEGATIVE = click.FloatRange(min=0.0)  # tolerances, percentage points
 FRACTION = click.FloatRange(0.0, 1.0)
@@ -79,6 +80,9 @@ def parse_csv(value: str, kind=str, name: str = "value") -> list:
                    "synthetic:train.  [default: the recipe's 'data']")
 @click.option("--val-data", metavar="PATH",
               help="Validation images, evaluated after every epoch.  [default: the recipe's]")
+@click.option("--holdout", type=NON_NEGATIVE_INT, metavar="N",
+              help="Keep N images of --data (a seeded draw) out of training; an INT8 accuracy "
+                   "budget built on the same data measures on them.  [default: the recipe's]")
 @click.option("--recipe", metavar="NAME_OR_FILE",
               help="A shipped recipe (paper, cifar10, imagenette, demo) or a .toml file; "
                    "with --resume, the run's own.")
@@ -98,12 +102,13 @@ def parse_csv(value: str, kind=str, name: str = "value") -> list:
 @click.option("--amp/--no-amp", default=None, help="float16 autocast on CUDA.")
 @click.option("--threads", type=COUNT, metavar="N",
               help="CPU threads (1 is fastest on a machine busy with other work).")
-def train(data, val_data, recipe, devices, out, epochs, resume, lr, batch_size, width_mult,
-          image_size, workers, seed, amp, threads) -> None:
+def train(data, val_data, holdout, recipe, devices, out, epochs, resume, lr, batch_size,
+          width_mult, image_size, workers, seed, amp, threads) -> None:
     """Train AlexNet (two towers on --devices) and write DIR/{best,last}.pt."""
     from alexnet_deploy import train as training  # lazy: fast --help
 
-    overrides = {"data": data, "val_data": val_data, "devices": devices, "epochs": epochs,
+    overrides = {"data": data, "val_data": val_data, "holdout": holdout, "devices": devices,
+                 "epochs": epochs,
                  "lr": lr, "batch_size": batch_size, "width_mult": width_mult,
                  "image_size": image_size, "workers": workers, "seed": seed, "amp": amp}
     if resume:
@@ -236,18 +241,20 @@ def calibrate(model, data, method, percentile, num_images, batch_size, seed, trt
 @click.option("--min-agreement", type=float, default=None, metavar="F",
               help="INT8 accuracy budget: top-1 agreement with FP32 (0.99 = 99%) on held-out "
                    "images of --calibration-data. The build picks the calibration method and "
-                   "keeps the costliest layers out of INT8 until it holds.")
+                   "the layers to keep out of INT8 so that it holds.")
 @click.option("--max-top1-drop", type=NON_NEGATIVE, default=None, metavar="X",
               help="INT8 accuracy budget: top-1 percentage points the engine may lose (with "
                    "the model's own classes; else disagreement with FP32).")
 @click.option("--calibration-data", metavar="PATH",
-              help="Images (folder or .npz) an accuracy budget is calibrated and checked on.")
+              help="Images (folder or .npz) an accuracy budget is calibrated and checked on; "
+                   "when they are the model's training data, the budget is checked on the "
+                   "images training held out (train --holdout).")
 @click.option("--confidence", type=float, default=0.95, show_default=True, metavar="P",
               help="The budget must hold at this one-sided confidence (0.5: as measured).")
-@click.option("--noise-view", type=float, default=0.3, show_default=True, metavar="SIGMA",
-              help="The budget must also hold on the held-out images with Gaussian noise of "
-                   "this deviation added (images a model was trained on flatter INT8); 0: clean "
-                   "images only.")
+@click.option("--noise-view", type=NON_NEGATIVE, default=0.0, show_default=True,
+              metavar="SIGMA",
+              help="Also require the budget on the held-out images with Gaussian noise of this "
+                   "deviation added (a stress test; 0: clean images only).")
 @click.option("--best-effort", is_flag=True,
               help="Build the closest mix when the budget cannot be met (default: fail).")
 @click.option("--placement", type=click.Choice(["cpu", "tensorrt"]), default=None,

@@ -531,8 +531,8 @@ class Batch(NamedTuple):
 
 def iter_batches(data: str | Path | ImageDataset, spec: PreprocessSpec, batch_size: int = 64,
                  *, limit: int | None = None, seed: int | None = None, ten_crop: bool = False,
-                 workers: int | None = None, skipped: SkippedImages | None = None
-                 ) -> Iterator[Batch]:
+                 workers: int | None = None, skipped: SkippedImages | None = None,
+                 indices: Sequence[int] | None = None) -> Iterator[Batch]:
     """Preprocessed evaluation batches of a data set, through :meth:`PreprocessSpec.load`.
 
     Args:
@@ -547,9 +547,11 @@ def iter_batches(data: str | Path | ImageDataset, spec: PreprocessSpec, batch_si
         workers: decode processes for image folders. Defaults to :func:`default_workers`.
         skipped: collects unreadable images (a fresh one if ``None``); they are left out of
             the batches, so ``len(batch.labels)`` may be smaller than ``batch_size``.
+        indices: exactly these data-set positions, in this order (``limit`` and ``seed`` are
+            then ignored). Defaults to ``None``.
     """
     dataset = open_dataset(data)
-    indices = _subset(len(dataset), limit, seed)
+    indices = _subset(len(dataset), limit, seed) if indices is None else np.asarray(indices)
     skipped = skipped if skipped is not None else SkippedImages(dataset)
     for arrays, labels, index in _decode(dataset, eval_transform(spec, ten_crop), indices,
                                          batch_size,
@@ -562,6 +564,18 @@ def eval_transform(spec: PreprocessSpec, ten_crop: bool = False):
     """A picklable ``PIL image -> float32 array``: :meth:`PreprocessSpec.load` or
     :func:`ten_crops`."""
     return functools.partial(ten_crops, spec=spec) if ten_crop else spec.load
+
+
+def holdout_indices(n: int, count: int, seed: int) -> np.ndarray:
+    """The positions (sorted) of the ``count`` images of an ``n``-image data set that training
+    with ``holdout = count`` and ``seed`` never sees: one seeded draw, shared by ``train`` (which
+    leaves them out) and the INT8 accuracy budget (which measures on them)."""
+    if not 0 <= count < n:
+        raise UserError(f"holdout must be between 0 and the data's {n - 1} images, got {count}")
+    if count == 0:
+        return np.zeros(0, np.int64)
+    # a stream of its own (not the seed itself), so it differs from validate --limit's draw
+    return np.sort(np.random.default_rng([seed, 0x401D]).choice(n, size=count, replace=False))
 
 
 def _subset(n: int, limit: int | None, seed: int | None) -> np.ndarray:
@@ -643,22 +657,25 @@ class TrainSet:
         seed: every epoch's order and random draws derive from ``(seed, epoch)``. Defaults to 0.
         workers: decode processes for image folders. Defaults to :func:`default_workers`.
         cache_bytes: keep decoded images in memory up to this size. Defaults to 4 GiB.
+        exclude: data-set positions never served (a holdout, :func:`holdout_indices`).
+            Defaults to none.
     """
 
     def __init__(self, data: str | Path | ImageDataset, spec: PreprocessSpec,
                  augment: Augment = Augment(), *, seed: int = 0, workers: int | None = None,
-                 cache_bytes: float = 4 * 2**30) -> None:
+                 cache_bytes: float = 4 * 2**30, exclude: Sequence[int] = ()) -> None:
         self.dataset = open_dataset(data)
         self.spec, self.augment, self.seed = spec, augment, seed
         self.workers = default_workers() if workers is None else workers
         self.skipped = SkippedImages(self.dataset)
         self._transform = functools.partial(train_square, spec=spec)
         self.cache: np.ndarray | None = None
-        self.index = np.arange(len(self.dataset))  # data-set positions of the served images
-        if 3 * spec.resize ** 2 * len(self.dataset) <= cache_bytes:
-            squares = np.empty((len(self.dataset), spec.resize, spec.resize, 3), np.uint8)
+        # data-set positions of the served images
+        self.index = np.setdiff1d(np.arange(len(self.dataset)), np.asarray(exclude, np.int64))
+        if 3 * spec.resize ** 2 * len(self.index) <= cache_bytes:
+            squares = np.empty((len(self.index), spec.resize, spec.resize, 3), np.uint8)
             kept = []
-            for arrays, _, index in _decode(self.dataset, self._transform, None, 64,
+            for arrays, _, index in _decode(self.dataset, self._transform, self.index, 64,
                                             self.workers, self.skipped):
                 squares[len(kept):len(kept) + len(index)] = arrays
                 kept += index.tolist()

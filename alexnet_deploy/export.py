@@ -57,7 +57,7 @@ from this one graph by :mod:`alexnet_deploy.rewrite`.
 from __future__ import annotations
 
 import collections
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -113,11 +113,12 @@ class ExportSource:
     classes: list[str]
     sha256: str
     path: Path
+    training_data: dict = field(default_factory=dict)  # Checkpoint.training_data
 
     def info(self) -> ModelInfo:
         return ModelInfo(preprocess=self.preprocess, classes=list(self.classes),
                          config=self.model.cfg.to_dict(), source_sha256=self.sha256,
-                         version=__version__)
+                         version=__version__, training_data=dict(self.training_data))
 
 
 def source_from_checkpoint(path: Path | str) -> ExportSource:
@@ -128,7 +129,8 @@ def source_from_checkpoint(path: Path | str) -> ExportSource:
         raise UserError(f"checkpoint {path}: preprocessing crop {ckpt.preprocess.crop} differs "
                         f"from the model's image_size {ckpt.config.image_size}")
     return ExportSource(model=ckpt.grouped_model(), preprocess=ckpt.preprocess,
-                        classes=ckpt.classes, sha256=ckpt.sha256, path=Path(path))
+                        classes=ckpt.classes, sha256=ckpt.sha256, path=Path(path),
+                        training_data=ckpt.training_data)
 
 
 def source_from_torchvision(path: Path | str) -> ExportSource:

@@ -11,6 +11,9 @@ written by export (:class:`ModelInfo`)
 ``alexnet_deploy.config``           :class:`~alexnet_deploy.model.AlexNetConfig` as a dict
 ``alexnet_deploy.source_sha256``    sha256 of the checkpoint / torchvision file exported
 ``alexnet_deploy.version``          the alexnet-deploy version that exported it
+``alexnet_deploy.training_data``    the training data's fingerprint and the images training
+                                    held out (``Checkpoint.training_data``), read by the
+                                    INT8 accuracy budget
 written by the precision rewrites (:mod:`alexnet_deploy.quantize`)
 ``alexnet_deploy.precision``        ``int8`` or ``fp16``
 ``alexnet_deploy.int8_target``      the Q/DQ placement (``cpu`` or ``tensorrt``)
@@ -40,13 +43,13 @@ INPUT_NAME = "input"
 OUTPUT_NAME = "logits"
 
 # The keys (see the table above), without PREFIX
-PREPROCESS, CLASSES, CONFIG, SOURCE_SHA256, VERSION = (
-    "preprocess", "classes", "config", "source_sha256", "version")
+PREPROCESS, CLASSES, CONFIG, SOURCE_SHA256, VERSION, TRAINING_DATA = (
+    "preprocess", "classes", "config", "source_sha256", "version", "training_data")
 PRECISION, INT8_TARGET, LAYER_PRECISION, LRN_FORM = (
     "precision", "int8_target", "layer_precision", "lrn_form")
 REWRITES = "rewrites"
 INT8_FALLBACK = "int8_fallback"  # "fp16": what INT8 leaves unquantized runs in FP16
-EXPORT_KEYS = (PREPROCESS, CLASSES, CONFIG, SOURCE_SHA256, VERSION)
+EXPORT_KEYS = (PREPROCESS, CLASSES, CONFIG, SOURCE_SHA256, VERSION, TRAINING_DATA)
 KEYS = (*EXPORT_KEYS, PRECISION, INT8_TARGET, LAYER_PRECISION, LRN_FORM, REWRITES, INT8_FALLBACK)
 
 
@@ -80,6 +83,7 @@ class ModelInfo:
     config: dict = field(default_factory=dict)
     source_sha256: str = ""
     version: str = ""
+    training_data: dict = field(default_factory=dict)
 
     def to_props(self) -> dict[str, str]:
         return {
@@ -88,6 +92,7 @@ class ModelInfo:
             PREFIX + CONFIG: json.dumps(self.config, sort_keys=True),
             PREFIX + SOURCE_SHA256: json.dumps(self.source_sha256),
             PREFIX + VERSION: json.dumps(self.version),
+            PREFIX + TRAINING_DATA: json.dumps(self.training_data, sort_keys=True),
         }
 
 
@@ -122,6 +127,7 @@ def read_model_info(model: onnx.ModelProto | str | Path) -> ModelInfo:
             config=json.loads(props.get(PREFIX + CONFIG, "{}")),
             source_sha256=json.loads(props.get(PREFIX + SOURCE_SHA256, '""')),
             version=json.loads(props.get(PREFIX + VERSION, '""')),
+            training_data=json.loads(props.get(PREFIX + TRAINING_DATA, "{}")),
         )
     except json.JSONDecodeError as e:
         raise UserError(f"{where} has malformed alexnet-deploy metadata ({e}): re-export it") from e

@@ -53,7 +53,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from alexnet_deploy.checkpoint import load_checkpoint, save_checkpoint
-from alexnet_deploy.data import Augment, EvalSet, TrainSet, label_map, open_dataset
+from alexnet_deploy.data import (
+    Augment,
+    EvalSet,
+    TrainSet,
+    holdout_indices,
+    label_map,
+    open_dataset,
+)
 from alexnet_deploy.errors import UserError
 from alexnet_deploy.fileio import check_output
 from alexnet_deploy.model import AlexNetConfig, build_model
@@ -83,6 +90,10 @@ class Recipe:
         data: training data (folder, ``.npz`` or ``synthetic:train``). Defaults to ``None``
             (``--data`` must give it).
         val_data: validation data, evaluated after every epoch. Defaults to ``None`` (none).
+        holdout: images of ``data`` never trained on (a seeded draw,
+            :func:`~alexnet_deploy.data.holdout_indices`). The checkpoint records them, and an
+            INT8 accuracy budget built with ``--calibration-data`` set to the same data measures
+            on them: images a model has fitted flatter INT8. Defaults to 0.
         epochs: epochs to train. Defaults to 90.
         batch_size: images per step (per process under torchrun). Defaults to 128.
         lr: learning rate (the peak for ``onecycle``/``cosine``). Defaults to 0.01.
@@ -115,6 +126,7 @@ class Recipe:
     description: str = ""
     data: str | None = None
     val_data: str | None = None
+    holdout: int = 0
     epochs: int = 90
     batch_size: int = 128
     lr: float = 0.01
@@ -150,6 +162,8 @@ class Recipe:
                 raise UserError(f"{key.replace('_', '-')} must be >= 1, got {getattr(self, key)}")
         if self.lr <= 0:
             raise UserError(f"lr must be > 0, got {self.lr}")
+        if self.holdout < 0:
+            raise UserError(f"holdout must be >= 0, got {self.holdout}")
 
     @property
     def preprocess(self) -> PreprocessSpec:
@@ -468,11 +482,18 @@ class _Trainer:
         if recipe.amp and not self.amp and procs.main:
             _note("note: --amp applies to CUDA devices only; training in float32")
         self.spec = recipe.preprocess
-        self.train_set = TrainSet(recipe.data, self.spec, Augment(recipe.flip, recipe.lighting),
+        dataset = open_dataset(recipe.data)
+        try:
+            held_out = holdout_indices(len(dataset), recipe.holdout, recipe.seed)
+        except UserError as e:
+            raise UserError(f"--holdout: {e} (training data {dataset.source})") from e
+        self.train_set = TrainSet(dataset, self.spec, Augment(recipe.flip, recipe.lighting),
                                   seed=recipe.seed, workers=recipe.workers,
-                                  cache_bytes=recipe.cache_gb * 2**30)
+                                  cache_bytes=recipe.cache_gb * 2**30, exclude=held_out)
         self.classes = self.train_set.dataset.class_names
-        self.fingerprint = self.train_set.dataset.fingerprint()
+        # what export carries to the build: which images of this data the model never saw
+        self.training_data = {"fingerprint": dataset.fingerprint(), "images": len(dataset),
+                              "holdout": recipe.holdout, "holdout_seed": recipe.seed}
         self.val_set = None
         if recipe.val_data:
             self.val_set = EvalSet(recipe.val_data, self.spec, workers=recipe.workers)
@@ -593,7 +614,7 @@ class _Trainer:
         common = {"model": self.model, "config": self.cfg, "preprocess": self.spec,
                   "classes": self.classes, "epoch": epoch, "metrics": metrics,
                   "recipe": self.recipe.to_dict(), "best_top1": self.best,
-                  "data_fingerprint": self.fingerprint}
+                  "training_data": self.training_data}
         if improved:
             save_checkpoint(self.out / BEST, **common)
         save_checkpoint(self.out / LAST, **common, optimizer=self.optimizer.state_dict(),

@@ -234,8 +234,8 @@ def test_min_agreement_calibrates_chooses_a_method_and_records_it(small_model, t
     assert t is not None and t == result.tuning
     assert sc.calibration_sha256 is None  # calibrated by the build itself
     assert t["data"] == {"path": "synthetic:train", "fingerprint": t["data"]["fingerprint"],
-                         "calibration_images": 128, "held_out_images": 384, "seed": 0,
-                         "views": ["clean", "gaussian noise 0.3"]}
+                         "calibration_images": 128, "held_out_images": 384,
+                         "held_out_from": "other data", "seed": 0, "views": ["clean"]}
     assert list(t["methods"]) == ["entropy", "percentile", "mse", "minmax"]
     best = max(m["agreement"] for m in t["methods"].values())
     assert t["methods"][t["method"]]["agreement"] == best
@@ -246,7 +246,8 @@ def test_min_agreement_calibrates_chooses_a_method_and_records_it(small_model, t
     assert t["layer_precision"] == sc.layer_precision
     assert t["speed"]["note"] == "none: every layer is INT8" or t["speed"]["ratio"] > 0
     text = "\n".join(result.summary())
-    assert "budget     agreement >= 90% (at 95% confidence) on 384 held-out images" in text
+    assert ("budget     agreement >= 90% (at 95% confidence) on 384 held-out images (not the "
+            "model's training data; 128 others calibrated)") in text
     assert f"chose {t['method']}" in text
 
 
@@ -271,6 +272,74 @@ def test_a_budget_no_int8_layer_meets_fails_in_one_line_unless_best_effort(
     sc = read_sidecar(out)
     assert sc.tuning["fits"] is False and "int8" in sc.layer_precision.values()
     assert "NOT MET (--best-effort)" in result.output
+
+
+def _trained_on(small_model, folder: Path, data: str, holdout: int) -> Path:
+    """A copy of the small model whose metadata says it was trained on ``data``, ``holdout``
+    of its images held out (as export writes it from a checkpoint)."""
+    from alexnet_deploy.data import open_dataset
+
+    model = onnx.load(small_model["onnx"])
+    info = read_model_info(model)
+    ds = open_dataset(data)
+    info.training_data = {"fingerprint": ds.fingerprint(), "images": len(ds),
+                          "holdout": holdout, "holdout_seed": 0}
+    write_model_info(model, info)
+    folder.mkdir(parents=True, exist_ok=True)
+    onnx.save(model, folder / "model.onnx")
+    return folder / "model.onnx"
+
+
+def test_tuning_split_uses_the_holdout_of_the_models_own_training_data():
+    import numpy as np
+
+    from alexnet_deploy.build import tuning_split
+    from alexnet_deploy.data import holdout_indices, open_dataset
+
+    ds = open_dataset("synthetic:test")  # 1,000 images
+    record = {"fingerprint": ds.fingerprint(), "images": 1000, "holdout": 300,
+              "holdout_seed": 7}
+    cal, held, source = tuning_split(ds, record, n_cal=200, held_cap=4096)
+    assert source == "holdout"
+    assert np.array_equal(held, holdout_indices(1000, 300, seed=7))
+    assert len(cal) == 200 and not set(cal.tolist()) & set(held.tolist())
+    # a cap below the holdout: a seeded draw of the holdout, never another image
+    _, capped, _ = tuning_split(ds, record, n_cal=200, held_cap=100)
+    assert len(capped) == 100 and set(capped.tolist()) <= set(held.tolist())
+    # the training data without a holdout, and other data: one seeded permutation
+    for rec, expected in [({**record, "holdout": 0}, "training data"),
+                          ({**record, "fingerprint": "0" * 64}, "other data"),
+                          ({}, "other data")]:
+        cal, held, source = tuning_split(ds, rec, n_cal=200, held_cap=500)
+        assert source == expected and len(cal) == 200 and len(held) == 500
+        assert not set(cal.tolist()) & set(held.tolist())
+    # a set too small for both parts: a third calibrates
+    cal, held, _ = tuning_split(ds, {}, n_cal=1024, held_cap=4096)
+    assert (len(cal), len(held)) == (333, 667)
+
+
+def test_a_budget_on_the_training_data_measures_on_its_holdout(small_model, tmp_path,
+                                                               small_tuning):
+    model = _trained_on(small_model, tmp_path / "held", "synthetic:train", holdout=200)
+    result = build_engine(model, "int8", tmp_path / "e", backend="onnxruntime",
+                          min_agreement=0.9, calibration_data="synthetic:train", progress=False)
+    data = read_sidecar(tmp_path / "e").tuning["data"]
+    assert data["held_out_from"] == "holdout" and data["held_out_images"] == 200
+    assert data["calibration_images"] == 128
+    assert not any("flatters INT8" in m for m in result.messages)
+
+
+def test_a_budget_on_training_data_without_a_holdout_says_it_flatters_int8(
+        small_model, tmp_path, small_tuning):
+    model = _trained_on(small_model, tmp_path / "seen", "synthetic:train", holdout=0)
+    result = run("--model", str(model), "--precision", "int8", "--backend", "onnxruntime",
+                 "--min-agreement", "0.9", "--calibration-data", "synthetic:train",
+                 "--out", str(tmp_path / "e"))
+    assert result.exit_code == 0, result.output
+    assert read_sidecar(tmp_path / "e").tuning["data"]["held_out_from"] == "training data"
+    assert ("--calibration-data synthetic:train is the data the model was trained on and "
+            "training held none of it out") in result.output
+    assert "train with --holdout N" in result.output
 
 
 def test_budget_options_are_checked(small_model, tmp_path):

@@ -610,6 +610,34 @@ def test_choose_fp32_layers_keeps_the_costliest_until_the_budget_holds(small_mod
         Q.choose_fp32_layers(model, cal, images, -1, run=_scripted_run(costs))
 
 
+def test_choose_fp32_layers_skips_a_layer_that_breaks_the_budget_and_tries_the_rest(small_model):
+    from alexnet_deploy.calibrate import load_calibration
+
+    model = onnx.load(str(small_model["onnx"]))
+    cal = load_calibration(small_model["calibration"])
+    # conv1 and conv2 are cheap alone (0.5% each) but cost 2% more together; fc8 costs 1%
+    costs = dict.fromkeys(LAYERS, 0.0) | {"conv1": 0.5, "conv2": 0.5, "fc8": 1.0}
+    additive = _scripted_run(costs)
+    n = 200
+
+    def run(graph, images):
+        out = additive(graph, images)
+        props = meta(graph)
+        if "alexnet_deploy.layer_precision" in props:
+            precision = json.loads(props["alexnet_deploy.layer_precision"])
+            if precision["conv1"] == precision["conv2"] == "int8":
+                flipped = int(np.sum(out.argmax(1) == 1)) + round(n * 2.0 / 100)
+                out = np.tile(np.eye(2, dtype=np.float32)[0], (n, 1))
+                out[:flipped] = out[:flipped, ::-1]
+        return out
+
+    images = np.zeros((n, 3, 67, 67), np.float32)
+    result = Q.choose_fp32_layers(model, cal, images, 1.5, run=run)
+    # cheapest first: the free layers, conv1 (0.5), conv2 (3.0 with conv1: skipped), fc8 (1.5)
+    assert result.fp32_layers == ["conv2"] and result.final_drop == pytest.approx(1.5)
+    assert result.all_int8_drop == pytest.approx(4.0)
+
+
 @pytest.mark.slow
 def test_choose_fp32_layers_on_onnxruntime(trained):
     images, labels = trained["images"][:300], trained["labels"][:300]
@@ -697,7 +725,8 @@ def test_choose_fp32_layers_with_a_budget_reports_what_came_closest(small_model)
     # is a failure, and the closest mix is the best bound seen
     fails = Q.choose_fp32_layers(model, cal, images, Q.Budget(min_agreement=0.99), run=run)
     assert not fails.fits and set(fails.fp32_layers) == set(LAYERS)
-    assert fails.closest == ["conv1", "fc8", "conv3"]
+    # closest: every zero-cost layer INT8 (100% measured), the costly three kept FP32
+    assert fails.closest == ["conv1", "conv3", "fc8"]
     assert fails.closest_measure.agreement == 1.0
 
 
@@ -710,3 +739,15 @@ def test_budget_with_views_judges_the_worst_part():
     worst = Q.Budget(min_agreement=0.97, confidence=0.5, views=2).measure(reference, logits)
     assert worst.agreement == pytest.approx(0.97) and worst.num_images == 500
     assert not Q.Budget(min_agreement=0.98, confidence=0.5, views=2).fits(worst)
+
+
+def test_layer_macs_counts_conv_outputs_and_gemm_weights(small_model):
+    model = onnx.load(str(small_model["onnx"]))
+    macs = Q.layer_macs(model)
+    assert list(macs) == list(LAYERS)
+    inits = {t.name: list(t.dims) for t in model.graph.initializer}
+    fc8 = next(layer for layer in Q.weighted_layers(model) if layer.name == "fc8")
+    assert macs["fc8"] == int(np.prod(inits[fc8.weight]))
+    conv1 = next(layer for layer in Q.weighted_layers(model) if layer.name == "conv1")
+    # conv1 of a 67 px model: stride 4, kernel 11 -> 15 x 15 outputs
+    assert macs["conv1"] == int(np.prod(inits[conv1.weight])) * 15 * 15

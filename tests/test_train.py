@@ -205,3 +205,50 @@ def test_run_errors(tmp_path, tiny_npz):
     np.savez(other, images=np.zeros((4, 32, 32, 3), np.uint8), labels=np.arange(4) % 2)
     line = _cli_error(["evaluate", "--checkpoint", str(out / "last.pt"), "--data", str(other)])
     assert "'class_0' (2 classes)" in line and "its 10 classes" in line
+
+
+# ---- holdout (issue 14: the accuracy budget measures INT8 on images training never saw) ----
+
+
+def test_holdout_indices_are_one_seeded_draw():
+    from alexnet_deploy.data import holdout_indices
+
+    a = holdout_indices(100, 20, seed=3)
+    assert len(a) == 20 and len(set(a.tolist())) == 20 and list(a) == sorted(a)
+    assert 0 <= a.min() and a.max() < 100
+    assert np.array_equal(a, holdout_indices(100, 20, seed=3))
+    assert not np.array_equal(a, holdout_indices(100, 20, seed=4))
+    assert len(holdout_indices(100, 0, seed=3)) == 0
+    for bad in (100, 101, -1):
+        with pytest.raises(UserError, match="holdout must be between 0 and"):
+            holdout_indices(100, bad, seed=0)
+
+
+def test_training_leaves_the_holdout_out_and_export_carries_it(tmp_path, tiny_npz):
+    from alexnet_deploy.data import TrainSet, holdout_indices, open_dataset
+    from alexnet_deploy.export import export, source_from_checkpoint
+    from alexnet_deploy.metadata import read_model_info
+    from alexnet_deploy.preprocess import PreprocessSpec
+
+    held = holdout_indices(96, 30, seed=0)
+    ts = TrainSet(tiny_npz, PreprocessSpec.for_size(67), workers=0, exclude=held)
+    assert len(ts) == 66 and not set(ts.index.tolist()) & set(held.tolist())
+    assert set(ts.index.tolist()) == set(range(96)) - set(held.tolist())
+    assert np.array_equal(ts.labels, open_dataset(tiny_npz).labels[ts.index])
+
+    out = tmp_path / "run"
+    _invoke(["train", "--recipe", _recipe_file(tmp_path, epochs=1), "--data", str(tiny_npz),
+             "--holdout", "30", "--devices", "cpu,cpu", "--out", str(out)])
+    ckpt = load_checkpoint(out / "last.pt")
+    assert ckpt.training_data == {"fingerprint": open_dataset(tiny_npz).fingerprint(),
+                                  "images": 96, "holdout": 30, "holdout_seed": 0}
+    assert ckpt.state["recipe"]["holdout"] == 30
+    export(source_from_checkpoint(out / "last.pt"), tmp_path / "m.onnx")
+    assert read_model_info(tmp_path / "m.onnx").training_data == ckpt.training_data
+
+
+def test_a_holdout_as_large_as_the_data_is_one_line(tmp_path, tiny_npz):
+    line = _cli_error(["train", "--recipe", _recipe_file(tmp_path, epochs=1),
+                       "--data", str(tiny_npz), "--holdout", "96", "--out", str(tmp_path / "r")])
+    assert "--holdout: holdout must be between 0 and the data's 95 images, got 96" in line
+    assert not (tmp_path / "r").exists()
