@@ -238,7 +238,7 @@ def calibrate(model, data, method, percentile, num_images, batch_size, seed, trt
 @click.option("--int8-fallback", type=click.Choice(["fp32", "fp16"]), default=None,
               help="INT8: what the Q/DQ pairs leave unquantized runs in this precision "
                    "(TensorRT; LRN stays FP32).  [default: fp16 on TensorRT, fp32 elsewhere]")
-@click.option("--min-agreement", type=float, default=None, metavar="F",
+@click.option("--min-agreement", type=FRACTION, default=None, metavar="F",
               help="INT8 accuracy budget: top-1 agreement with FP32 (0.99 = 99%) on held-out "
                    "images of --calibration-data. The build picks the calibration method and "
                    "the layers to keep out of INT8 so that it holds.")

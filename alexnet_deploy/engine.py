@@ -492,7 +492,7 @@ class Engine:
                     pending = pool.submit(decode, chunks[k + 1])
                 if batch is None:
                     continue
-                yield from top_k_predictions(self._infer_padded(batch), self.sidecar.classes,
+                yield from top_k_predictions(self.infer_padded(batch), self.sidecar.classes,
                                              top_k, sources)
 
     def resolve_batch_size(self, requested: int | None) -> int:
@@ -506,9 +506,10 @@ class Engine:
                             f"{hi or 'any'})")
         return requested
 
-    def _infer_padded(self, batch: np.ndarray) -> np.ndarray:
-        """Logits for ``batch``, padded with copies of its last image up to the engine's
-        smallest batch (a TensorRT profile may start above 1)."""
+    def infer_padded(self, batch: np.ndarray) -> np.ndarray:
+        """:meth:`infer` for any batch up to the largest: one smaller than the engine's smallest
+        batch (a TensorRT profile may start above 1) is padded with copies of its last image,
+        and only its own logits are returned."""
         n = len(batch)
         if n < self.sidecar.min_batch:
             pad = np.repeat(batch[-1:], self.sidecar.min_batch - n, axis=0)

@@ -358,8 +358,7 @@ def validate_engine(engine: str | Path | Engine, reference: str | Path,
         dataset = open_dataset(data)
         to_engine_class = label_map(sc.classes, dataset, model="the engine")
         total = len(dataset) if limit is None else min(limit, len(dataset))
-        if batch_size is None:
-            batch_size = min(32, sc.max_batch or 32)
+        batch_size = loaded.resolve_batch_size(batch_size)
         skipped = SkippedImages(dataset)
         acc = _Accumulator(sc.num_classes, atol, rtol)
         start = time.perf_counter()
@@ -369,7 +368,8 @@ def validate_engine(engine: str | Path | Engine, reference: str | Path,
             for batch in iter_batches(dataset, sc.preprocess, batch_size, limit=limit,
                                       seed=0 if limit is not None else None, skipped=skipped):
                 labels = to_engine_class[batch.labels]
-                acc.add(loaded.infer(batch.images), run_reference(batch.images), labels)
+                # the last batch may be smaller than a TensorRT profile's smallest: padded
+                acc.add(loaded.infer_padded(batch.images), run_reference(batch.images), labels)
                 bar.update(len(labels))
                 bar.set_postfix(agree=f"{acc.agree / max(acc.n, 1):.4f}", refresh=False)
         seconds = time.perf_counter() - start

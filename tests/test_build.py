@@ -347,7 +347,7 @@ def test_budget_options_are_checked(small_model, tmp_path):
             (["--precision", "fp32", "--min-agreement", "0.99"], "use them with --precision int8"),
             (["--precision", "int8", "--min-agreement", "0.99"], "needs --calibration-data"),
             (["--precision", "int8", "--min-agreement", "99", "--calibration-data", "x"],
-             "--min-agreement must be in 0..1"),
+             "Invalid value for '--min-agreement': 99.0 is not in the range 0.0<=x<=1.0"),
             (["--precision", "fp32", "--placement", "cpu"], "with --precision int8")]:
         result = run("--model", str(small_model["onnx"]), "--backend", "onnxruntime",
                      "--out", str(tmp_path / "e"), *args)

@@ -107,6 +107,29 @@ def test_fp32_engine_passes_and_writes_the_json_keys(engines, small_model, tmp_p
     assert d["nonfinite_logits"] == 0
 
 
+def test_a_last_batch_below_the_engines_smallest_batch_is_padded(engines, small_model,
+                                                                  tmp_path):
+    # an engine whose profile starts at 16 (as a TensorRT --min-batch 16 one does); 40 images
+    # in batches of 16 leave 8 at the end
+    import shutil
+
+    engine = tmp_path / "min16"
+    shutil.copytree(engines / "fp32", engine)
+    sidecar = json.loads((engine / "engine.json").read_text())
+    sidecar["input"]["min_batch"] = 16
+    (engine / "engine.json").write_text(json.dumps(sidecar))
+    out = tmp_path / "v.json"
+    result = run("--engine", str(engine), "--reference", str(small_model["onnx"]),
+                 "--data", "synthetic:test", "--limit", "40", "--json", str(out))
+    assert result.exit_code == 0, result.output
+    d = json.loads(out.read_text())
+    assert d["num_images"] == 40 and d["top1_agreement"] == 1.0
+    result = run("--engine", str(engine), "--reference", str(small_model["onnx"]),
+                 "--data", "synthetic:test", "--limit", "40", "--batch-size", "8")
+    assert result.exit_code == 2
+    assert "batch size 8 is outside this engine's range (16..any)" in result.output
+
+
 def test_checkpoint_and_onnx_references_agree(engines, small_model):
     by_checkpoint = validate_engine(engines / "fp32", small_model["checkpoint"],
                                     "synthetic:test", limit=128, progress=False)
