@@ -327,7 +327,8 @@ def build_engine(model_path: str | Path, precision: str, out: str | Path, *,
         if not noise_view >= 0:
             raise UserError(f"--noise-view must be >= 0, got {noise_view}")
         tuning, cal, mixed = tune_int8(model, cal, calibration_data, spec, info.classes, budget,
-                                       target, progress, noise_view, info.training_data)
+                                       target, progress, noise_view, info.training_data,
+                                       fallback)
         if tuning["data"]["held_out_from"] == "training data":
             messages.append(f"--calibration-data {calibration_data} is the data the model was "
                             "trained on and training held none of it out: the budget is "
@@ -360,7 +361,6 @@ def build_engine(model_path: str | Path, precision: str, out: str | Path, *,
         {name: "fp32" for name in layers}
     if tuning is not None:
         tuning["layer_precision"] = per_layer
-        tuning["fallback_precision"] = fallback
         speed_images = tuning.pop("_held_out")[:64]
         tuning["speed"] = (_speed_cost(engine_backend, graph, make(model, cal, target=target),
                                        speed_images, max_batch, threads)
@@ -468,8 +468,8 @@ def read_images(dataset: Any, spec: Any, indices: Any, progress: bool, what: str
 
 def tune_int8(model: onnx.ModelProto, calibration: Any, data: str, spec: Any,
               classes: list[str], budget: Any, target: str, progress: bool = True,
-              noise_view: float = STRESS_NOISE, training_data: dict[str, Any] | None = None
-              ) -> tuple[dict[str, Any], Any, Any]:
+              noise_view: float = STRESS_NOISE, training_data: dict[str, Any] | None = None,
+              fallback: str = "fp32") -> tuple[dict[str, Any], Any, Any]:
     """Choose the calibration and the layers kept in FP32 that meet ``budget`` on held-out
     images of ``data``; every graph runs on ONNX Runtime, whatever the engine's backend.
 
@@ -478,7 +478,9 @@ def tune_int8(model: onnx.ModelProto, calibration: Any, data: str, spec: Any,
     held some out, else a seeded draw. Without ``calibration``: :data:`CALIBRATION_IMAGES` others
     are calibrated with each of :data:`CALIBRATION_METHODS` (one pass, one histogram per
     tensor), and the method whose all-INT8 graph has the best held-out agreement (then smallest
-    top-1 drop) wins. With ``calibration`` the method is fixed and nothing else is read. Labels count only when the data's classes are the model's;
+    top-1 drop) wins. With ``calibration`` the method is fixed and nothing else is read. Every
+    candidate graph is the engine's kind: layers left out of INT8 in ``fallback`` precision
+    (``fp16``: :func:`~alexnet_deploy.quantize.to_int8_fp16`, TensorRT's default). Labels count only when the data's classes are the model's;
     otherwise drops are disagreement with FP32. With ``noise_view`` > 0 every held-out image is
     also judged with seeded Gaussian noise of that deviation added, and the budget must hold on
     both views (:class:`~alexnet_deploy.quantize.Budget` ``views``).
@@ -530,7 +532,8 @@ def tune_int8(model: onnx.ModelProto, calibration: Any, data: str, spec: Any,
                                     tensors=tensors, total=n_cal, progress=progress)
         for method in CALIBRATION_METHODS:
             candidates[method] = amax_table(stats.histograms, make_calibrator(method))[0]
-    scores = {method: budget.measure(reference, search_logits(to_int8(model, cal, target), held),
+    make = to_int8_fp16 if fallback == "fp16" else to_int8
+    scores = {method: budget.measure(reference, search_logits(make(model, cal, target), held),
                                      use_labels)
               for method, cal in candidates.items()}
     # best held-out agreement, then smallest drop; ties keep CALIBRATION_METHODS' order
@@ -544,7 +547,7 @@ def tune_int8(model: onnx.ModelProto, calibration: Any, data: str, spec: Any,
     for name in ranked[:1 if budget.fits(scores[ranked[0]]) else SEARCHED_METHODS]:
         searched[name] = choose_fp32_layers(model, candidates[name], held, budget, target=target,
                                             labels=use_labels, run=search_logits,
-                                            reference=reference)
+                                            reference=reference, quantizer=make)
 
     def int8_share(k: str) -> float:
         return sum(v for n, v in macs.items() if n not in searched[k].fp32_layers) / \
@@ -571,9 +574,7 @@ def tune_int8(model: onnx.ModelProto, calibration: Any, data: str, spec: Any,
         "held_out": mixed.final.to_dict(),
         "layers": [{"name": r.name, "drop_alone": round(r.drop_alone, 4),
                     "gain_if_fp32": round(r.gain_if_fp32, 4)} for r in mixed.layers],
-        # the search runs kept layers in FP32; the engine in its --int8-fallback (set by
-        # build_engine: FP16 on TensorRT, FP32 on the CPU backends)
-        "fallback_precision": "fp32",
+        "fallback_precision": fallback,  # what the searched graphs ran kept layers in
         "fits": mixed.fits,
         "seconds": round(time.perf_counter() - start, 1),
         "_held_out": held,

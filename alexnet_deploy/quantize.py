@@ -1107,8 +1107,8 @@ LogitsFn = Callable[["onnx.ModelProto", np.ndarray], np.ndarray]
 
 def layer_sensitivity(model: onnx.ModelProto, calibration: Any, images: np.ndarray,
                       target: Target = "cpu", labels: np.ndarray | None = None,
-                      run: LogitsFn | None = None, reference: np.ndarray | None = None
-                      ) -> dict[str, Any]:
+                      run: LogitsFn | None = None, reference: np.ndarray | None = None,
+                      quantizer: Callable[..., onnx.ModelProto] | None = None) -> dict[str, Any]:
     """Per-layer INT8 cost on ``images``.
 
     Returns a dict: ``reference`` (FP32 logits), ``all_int8`` (top-1 drop with every layer
@@ -1116,20 +1116,22 @@ def layer_sensitivity(model: onnx.ModelProto, calibration: Any, images: np.ndarr
     the all-INT8 drop shrinks when only it stays FP32), and the logits behind them
     (``all_int8_logits``, ``alone_logits`` per layer). Drops as in :func:`top1_drop`.
     ``run(model, images) -> logits`` defaults to ONNX Runtime on the CPU; ``reference``, the FP32
-    logits when already computed.
+    logits when already computed; ``quantizer``, :func:`to_int8` or :func:`to_int8_fp16` (what
+    the engine will run: FP16 where TensorRT's default leaves layers unquantized).
     """
+    quantizer = quantizer or to_int8
     run = run or ort_logits
     names = [layer.name for layer in weighted_layers(model)]
     reference = run(model, images) if reference is None else reference
-    all_int8_logits = run(to_int8(model, calibration, target), images)
+    all_int8_logits = run(quantizer(model, calibration, target), images)
     all_int8 = top1_drop(reference, all_int8_logits, labels)
     alone, gain, alone_logits = {}, {}, {}
     for name in names:
         others = [n for n in names if n != name]
-        alone_logits[name] = run(to_int8(model, calibration, target, others), images)
+        alone_logits[name] = run(quantizer(model, calibration, target, others), images)
         alone[name] = top1_drop(reference, alone_logits[name], labels)
         gain[name] = all_int8 - top1_drop(
-            reference, run(to_int8(model, calibration, target, [name]), images), labels)
+            reference, run(quantizer(model, calibration, target, [name]), images), labels)
     return {"reference": reference, "all_int8": all_int8, "alone": alone, "gain": gain,
             "all_int8_logits": all_int8_logits, "alone_logits": alone_logits}
 
@@ -1137,7 +1139,9 @@ def layer_sensitivity(model: onnx.ModelProto, calibration: Any, images: np.ndarr
 def choose_fp32_layers(model: onnx.ModelProto, calibration: Any, images: np.ndarray,
                        max_top1_drop: float | Budget, target: Target = "cpu",
                        labels: np.ndarray | None = None, run: LogitsFn | None = None,
-                       reference: np.ndarray | None = None) -> MixedPrecisionResult:
+                       reference: np.ndarray | None = None,
+                       quantizer: Callable[..., onnx.ModelProto] | None = None
+                       ) -> MixedPrecisionResult:
     """The layers to keep in FP32 so that the rest, in INT8, meet the budget.
 
     If the all-INT8 graph meets the budget, nothing is kept. Otherwise, from :func:`layer_sensitivity`'s
@@ -1168,7 +1172,10 @@ def choose_fp32_layers(model: onnx.ModelProto, calibration: Any, images: np.ndar
             FP32, an upper bound on any accuracy drop. Defaults to None.
         run: ``run(model, images) -> logits``. Defaults to ONNX Runtime on the CPU.
         reference: the FP32 logits of ``images``, when already computed. Defaults to None.
+        quantizer: builds each candidate graph: :func:`to_int8` (kept layers FP32, the default)
+            or :func:`to_int8_fp16` (kept layers FP16, as TensorRT runs them by default).
     """
+    quantizer = quantizer or to_int8
     budget = max_top1_drop if isinstance(max_top1_drop, Budget) else None
     if budget is None and not max_top1_drop >= 0:
         raise UserError(f"--max-top1-drop must be a number >= 0, got {max_top1_drop}")
@@ -1176,7 +1183,7 @@ def choose_fp32_layers(model: onnx.ModelProto, calibration: Any, images: np.ndar
         raise UserError("the mixed-precision search needs calibration images, got none")
     run = run or ort_logits
     start = time.perf_counter()
-    sens = layer_sensitivity(model, calibration, images, target, labels, run, reference)
+    sens = layer_sensitivity(model, calibration, images, target, labels, run, reference, quantizer)
     alone, gain, reference = sens["alone"], sens["gain"], sens["reference"]
     names = list(alone)
     # all FP32: the reference itself
@@ -1198,7 +1205,7 @@ def choose_fp32_layers(model: onnx.ModelProto, calibration: Any, images: np.ndar
     def measure_int8(int8: list[str]) -> Measure:
         if len(int8) == 1:
             return single[int8[0]]
-        return judge(run(to_int8(model, calibration, target,
+        return judge(run(quantizer(model, calibration, target,
                                  [n for n in names if n not in int8]), images))
 
     all_int8 = judge(sens["all_int8_logits"])

@@ -342,6 +342,34 @@ def test_a_budget_on_training_data_without_a_holdout_says_it_flatters_int8(
     assert "train with --holdout N" in result.output
 
 
+def test_a_tensorrt_budget_searches_graphs_with_fp16_elsewhere(small_model, small_tuning,
+                                                                monkeypatch):
+    # TensorRT runs what INT8 leaves in FP16 by default, so the search must measure that graph
+    # (on ONNX Runtime here), not the FP32-elsewhere one
+    import alexnet_deploy.build as build_mod
+    from alexnet_deploy.metadata import get_meta
+    from alexnet_deploy.quantize import Budget
+
+    seen = []
+    real = build_mod.search_logits
+
+    def spy(graph, images, batch_size=64):
+        seen.append(get_meta(graph, "int8_fallback"))
+        return real(graph, images, batch_size)
+
+    monkeypatch.setattr(build_mod, "search_logits", spy)
+    model = onnx.load(small_model["onnx"])
+    info = read_model_info(model)
+    tuning, _, _ = build_mod.tune_int8(
+        model, None, "synthetic:train", info.preprocess, info.classes,
+        Budget(min_agreement=1.0), "tensorrt", progress=False, fallback="fp16")
+    assert tuning["fallback_precision"] == "fp16"
+    quantized = [s for s in seen if s is not None]
+    # every candidate graph ran FP16 elsewhere; only the FP32 reference has no fallback key
+    assert len(quantized) == len(seen) - 1 and set(quantized) == {"fp16"}
+    assert len(quantized) > 4  # the four methods' all-INT8 graphs, then the layer search
+
+
 def test_budget_options_are_checked(small_model, tmp_path):
     for args, message in [
             (["--precision", "fp32", "--min-agreement", "0.99"], "use them with --precision int8"),
