@@ -164,6 +164,19 @@ class EngineSidecar:
     def num_classes(self) -> int:
         return len(self.classes)
 
+    @property
+    def input_dtype(self) -> str:
+        """numpy dtype name of what the engine takes: ``float32``, or ``uint8`` for a
+        ``uint8-nhwc`` engine."""
+        return self.input_format.split("-")[0]
+
+    @property
+    def input_dims(self) -> tuple[int, int, int]:
+        """One image as the engine takes it: ``(C, H, W)`` float32, or ``(H, W, C)`` uint8
+        pixels for a ``uint8-nhwc`` engine (``input_shape`` is ``(C, H, W)`` for both)."""
+        c, h, w = self.input_shape
+        return (h, w, c) if self.input_format == "uint8-nhwc" else (c, h, w)
+
     def to_dict(self) -> dict[str, Any]:
         return {
             "format": FORMAT,
@@ -177,7 +190,7 @@ class EngineSidecar:
                        "checkpoint_sha256": self.checkpoint_sha256},
             "artifacts": dict(self.artifacts),
             "input": {"name": self.input_name, "shape": list(self.input_shape),
-                      "dtype": self.input_format.split("-")[0],
+                      "dtype": self.input_dtype,
                       "layout": self.input_format.split("-")[1].upper(),
                       "min_batch": self.min_batch, "max_batch": self.max_batch,
                       "opt_batch": self.opt_batch},
@@ -394,7 +407,7 @@ class Engine:
     @property
     def takes_uint8(self) -> bool:
         """True for an engine built with ``--input uint8-nhwc``."""
-        return self.sidecar.input_format == "uint8-nhwc"
+        return self.sidecar.input_dtype == "uint8"
 
     def infer(self, batch: np.ndarray) -> np.ndarray:
         """Float32 logits ``[N, num_classes]`` for a preprocessed float32 ``[N, C, H, W]`` batch
@@ -403,7 +416,7 @@ class Engine:
         (:meth:`PreprocessSpec.denormalize`, exact for preprocessed images)."""
         c, h, w = self.sidecar.input_shape
         if self.takes_uint8 and isinstance(batch, np.ndarray) and batch.dtype == np.uint8:
-            shape, want = (h, w, c), "uint8 (N, H, W, C)"
+            shape, want = self.sidecar.input_dims, "uint8 (N, H, W, C)"
         else:
             batch, shape, want = np.asarray(batch, dtype=np.float32), (c, h, w), "(N, C, H, W)"
         if batch.ndim != 4 or tuple(batch.shape[1:]) != shape:

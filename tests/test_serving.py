@@ -241,6 +241,35 @@ def test_handler_runs_mixed_requests_in_one_batch_and_fails_only_bad_ones(ort_en
         assert isinstance(answers[4], RequestError) and "must be FP32" in str(answers[4])
 
 
+@pytest.fixture(scope="module")
+def u8_engine(small_model, tmp_path_factory) -> Path:
+    """The FP32 ONNX Runtime engine of the small model taking uint8 NHWC pixels."""
+    from alexnet_deploy.build import build_engine
+
+    out = tmp_path_factory.mktemp("serving") / "fp32-u8"
+    build_engine(small_model["onnx"], "fp32", out, backend="onnxruntime",
+                 input_format="uint8-nhwc")
+    return out
+
+
+def test_a_uint8_engine_is_served_its_pixels(u8_engine, tmp_path):
+    pixels = np.random.default_rng(3).integers(0, 256, (2, 67, 67, 3), dtype=np.uint8)
+    with load_engine(u8_engine) as engine:
+        handler = Handler(engine, top_k=2)
+        good, floats = handler.run([{"input": pixels},
+                                    {"input": np.zeros((1, 3, 67, 67), np.float32)}])
+        assert np.array_equal(good["logits"], engine.infer(pixels))
+        assert isinstance(floats, RequestError)
+        assert "must be UINT8 [n, 67, 67, 3], got float32 [1, 3, 67, 67]" in str(floats)
+    for flavor in ("native", "python"):
+        result = run_cli("package", "--engine", u8_engine, "--triton", tmp_path / flavor,
+                         "--flavor", flavor)
+        assert result.exit_code == 0, result.output
+        cfg, pb2 = parse_config(tmp_path / flavor / "alexnet")
+        tensor = cfg.input[0]
+        assert (tensor.data_type, list(tensor.dims)) == (pb2.TYPE_UINT8, [67, 67, 3])
+
+
 def test_check_answer_catches_a_mixed_up_answer():
     rng = np.random.default_rng(1)
     a, b = rng.standard_normal(10) * 3, rng.standard_normal(10) * 3
@@ -347,6 +376,36 @@ def check_server(engine_dir: Path, ports, model: str, image_model: str) -> None:
     assert np.allclose(answer.as_numpy("logits"), want, atol=1e-4)
     again = send_concurrently(ports.http, ports.grpc, model, images[:8], logits[:8], labels[:8])
     assert again == {"ok": REQUESTS, "wrong": 0}
+
+
+@pytest.mark.serving
+@pytest.mark.slow
+def test_serve_takes_uint8_pixels_for_a_uint8_engine(u8_engine, tmp_path):
+    needs_triton()
+    from tritonclient import grpc, http
+
+    from alexnet_deploy.serving.server import Ports, ServerProcess, free_ports, serve_command
+
+    ports = Ports(*free_ports())
+    server = ServerProcess(serve_command(u8_engine, ports, max_batch=8), ports,
+                           ["alexnet", "alexnet_image"], log=tmp_path / "serve.log")
+    pixels = np.random.default_rng(4).integers(0, 256, (6, 67, 67, 3), dtype=np.uint8)
+    try:
+        server.wait_ready()
+        with load_engine(u8_engine) as engine:
+            want = engine.infer(pixels)
+        for module, port in ((http, ports.http), (grpc, ports.grpc)):
+            client = module.InferenceServerClient(f"localhost:{port}")
+            try:
+                for i in range(len(pixels)):
+                    inp = module.InferInput("input", [1, 67, 67, 3], "UINT8")
+                    inp.set_data_from_numpy(pixels[i:i + 1])
+                    got = client.infer("alexnet", [inp]).as_numpy("logits")
+                    assert np.allclose(got, want[i:i + 1], atol=1e-5)
+            finally:
+                client.close()
+    finally:
+        server.stop()
 
 
 @pytest.mark.serving

@@ -21,7 +21,9 @@ The served interface, the same for ``serve`` and the ``python`` flavour:
 ============  =======  ==================  ===================================================
 tensor        type     dims (per image)    what
 ============  =======  ==================  ===================================================
-``input``     FP32     ``[C, H, W]``       a preprocessed image (the sidecar's input name)
+``input``     FP32     ``[C, H, W]``       a preprocessed image (the sidecar's input name);
+              UINT8    ``[H, W, C]``       for a ``--input uint8-nhwc`` engine: the resized,
+                                           cropped RGB pixels (a quarter of the bytes)
 ``image``     BYTES    ``[1]``             an encoded image (JPEG, PNG, ...), preprocessed by
                                            the server with the engine's own preprocessing
 ``logits``    FP32     ``[num_classes]``   the engine's logits (the sidecar's output name)
@@ -39,3 +41,5 @@ DEFAULT_TOP_K = 5
 DEFAULT_MAX_BATCH = 64
 #: how long Triton's dynamic batcher waits for more requests to fill a batch
 DEFAULT_MAX_QUEUE_DELAY_US = 500
+#: Triton's name of each engine input dtype (``EngineSidecar.input_dtype``)
+TRITON_DTYPES = {"float32": "FP32", "uint8": "UINT8"}

@@ -2,7 +2,8 @@
 
 Both servers use it: ``alexnet-deploy serve`` (a PyTriton callable) and the ``python``-flavour
 ``model.py`` (Triton's Python backend). A request is a mapping of input name -> numpy array with
-the batch dimension first: either the engine's float32 input ``[n, C, H, W]`` or encoded images
+the batch dimension first: either the engine's own input (float32 ``[n, C, H, W]``, or uint8
+``[n, H, W, C]`` pixels for a ``uint8-nhwc`` engine) or encoded images
 ``image`` ``[n, 1]`` (BYTES). All good requests of a call run as one engine batch; a bad request
 gets its own error and does not stop the others.
 """
@@ -16,7 +17,7 @@ import numpy as np
 
 from alexnet_deploy.engine import top_k_predictions
 from alexnet_deploy.errors import UserError
-from alexnet_deploy.serving import DEFAULT_TOP_K, IMAGE_INPUT, LABELS_OUTPUT
+from alexnet_deploy.serving import DEFAULT_TOP_K, IMAGE_INPUT, LABELS_OUTPUT, TRITON_DTYPES
 
 
 class RequestError(UserError):
@@ -79,22 +80,22 @@ class Handler:
 
     def _inputs(self, request: Mapping[str, np.ndarray]) -> np.ndarray:
         has_tensor, has_image = self.input_name in request, IMAGE_INPUT in request
+        side = self.engine.sidecar
+        wire = f"{TRITON_DTYPES[side.input_dtype]} [n, {', '.join(map(str, side.input_dims))}]"
         if has_tensor == has_image:
-            raise RequestError(f"send exactly one of the inputs {self.input_name!r} (FP32 "
-                               f"[n, {', '.join(map(str, self.engine.sidecar.input_shape))}]) or "
+            raise RequestError(f"send exactly one of the inputs {self.input_name!r} ({wire}) or "
                                f"{IMAGE_INPUT!r} (BYTES [n, 1], encoded images)")
         if has_tensor:
             batch = np.asarray(request[self.input_name])
-            want = (None, *self.engine.sidecar.input_shape)
-            if batch.dtype != np.float32 or batch.ndim != 4 or batch.shape[1:] != want[1:]:
-                raise RequestError(f"input {self.input_name!r} must be FP32 [n, "
-                                   f"{', '.join(map(str, want[1:]))}], got {batch.dtype} "
-                                   f"{list(batch.shape)}")
+            if (batch.dtype != np.dtype(side.input_dtype) or batch.ndim != 4
+                    or batch.shape[1:] != side.input_dims):
+                raise RequestError(f"input {self.input_name!r} must be {wire}, got "
+                                   f"{batch.dtype} {list(batch.shape)}")
             return batch
         return self.decode(request[IMAGE_INPUT])
 
     def decode(self, images: np.ndarray) -> np.ndarray:
-        """``[n, 1]`` encoded images -> the engine's preprocessed ``[n, C, H, W]`` batch
+        """``[n, 1]`` encoded images -> the engine's input batch
         (:meth:`Engine.preprocess <alexnet_deploy.engine.Engine.preprocess>`)."""
         items = np.asarray(images, dtype=object).reshape(len(images), -1)
         if items.shape[1] != 1:

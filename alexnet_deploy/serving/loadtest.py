@@ -36,7 +36,11 @@ from alexnet_deploy.engine import host_info, load_engine
 from alexnet_deploy.errors import UserError
 from alexnet_deploy.fileio import atomic_path, write_json_atomic, write_text_atomic
 from alexnet_deploy.report import Section
-from alexnet_deploy.serving import DEFAULT_MAX_QUEUE_DELAY_US, DEFAULT_MODEL_NAME
+from alexnet_deploy.serving import (
+    DEFAULT_MAX_QUEUE_DELAY_US,
+    DEFAULT_MODEL_NAME,
+    TRITON_DTYPES,
+)
 from alexnet_deploy.serving.handler import Handler
 from alexnet_deploy.serving.repository import batch_limits
 from alexnet_deploy.serving.server import (
@@ -150,7 +154,8 @@ class LoadTestResult:
 
 
 class Client:
-    """One tritonclient connection (HTTP or gRPC) sending one FP32 image per request."""
+    """One tritonclient connection (HTTP or gRPC) sending one image per request, as the engine
+    takes it (FP32, or UINT8 pixels for a ``uint8-nhwc`` engine)."""
 
     def __init__(self, protocol: str, port: int, model: str, input_name: str,
                  output_name: str) -> None:
@@ -165,7 +170,8 @@ class Client:
                         module.InferRequestedOutput("labels")]
 
     def infer(self, image: np.ndarray) -> tuple[np.ndarray, bytes]:
-        inp = self.module.InferInput(self.input_name, [1, *image.shape], "FP32")
+        inp = self.module.InferInput(self.input_name, [1, *image.shape],
+                                     TRITON_DTYPES[image.dtype.name])
         inp.set_data_from_numpy(image[None])
         result = self.client.infer(self.model, [inp], outputs=self.outputs)
         return result.as_numpy(self.output_name)[0], result.as_numpy("labels")[0][0]
@@ -338,6 +344,8 @@ def run_loadtest(engine: Path | str, data: str | Path, *,
         side = loaded.sidecar
         max_batch_size, _ = batch_limits(side, max_batch)
         images = load_images(data, side.preprocess, num_images)
+        if loaded.takes_uint8:  # send the pixels: a quarter of the bytes (exact conversion)
+            images = side.preprocess.denormalize(images)
         expected = np.concatenate([loaded.infer(images[i:i + 1]) for i in range(len(images))])
         labels = Handler(loaded, top_k=1).labels(expected)[:, 0]
         folder = loaded.path

@@ -9,7 +9,8 @@
     DIR/<name>/<version>/engine/           ... copied here, through alexnet_deploy
 
 ``config.pbtxt`` (Triton's ``ModelConfig`` in protobuf text format) takes everything from the
-engine's sidecar: input/output names, FP32 dims without the batch dimension, ``max_batch_size``
+engine's sidecar: input/output names, the input's type and dims without the batch dimension
+(FP32 ``[C, H, W]``, or UINT8 ``[H, W, C]`` for a ``uint8-nhwc`` engine), ``max_batch_size``
 (the engine's largest batch; a fixed-batch engine gets 0 and full dims; an engine that takes any
 batch gets ``max_batch``), ``dynamic_batching`` (preferred batch sizes from ``bench --json`` when
 given: every measured size within 10% of the best throughput), ``instance_group`` (``KIND_GPU``
@@ -49,6 +50,7 @@ from alexnet_deploy.serving import (
     DEFAULT_TOP_K,
     IMAGE_INPUT,
     LABELS_OUTPUT,
+    TRITON_DTYPES,
 )
 
 FLAVORS = ("native", "python")
@@ -198,8 +200,9 @@ def model_config(sidecar: EngineSidecar, *, name: str = DEFAULT_MODEL_NAME,
                             "--flavor python")
         config.update(_NATIVE[sidecar.backend][0])
     config["max_batch_size"] = max_batch_size
-    tensor = {"name": sidecar.input_name, "data_type": Enum("TYPE_FP32"),
-              "dims": lead + list(sidecar.input_shape)}
+    tensor = {"name": sidecar.input_name,
+              "data_type": Enum("TYPE_" + TRITON_DTYPES[sidecar.input_dtype]),
+              "dims": lead + list(sidecar.input_dims)}
     logits = {"name": sidecar.output_name, "data_type": Enum("TYPE_FP32"),
               "dims": lead + [num_classes], "label_filename": LABEL_FILE}
     if flavor == "python":

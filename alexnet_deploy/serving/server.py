@@ -47,6 +47,7 @@ from alexnet_deploy.serving import (
     DEFAULT_TOP_K,
     IMAGE_INPUT,
     LABELS_OUTPUT,
+    TRITON_DTYPES,
 )
 from alexnet_deploy.serving.handler import Handler
 from alexnet_deploy.serving.repository import batch_limits, check_name
@@ -153,7 +154,8 @@ def serve(engine: Path | str, *, ports: Ports = Ports(), name: str = DEFAULT_MOD
         os.environ.update(triton_env())  # inherited by tritonserver and its Python backend stubs
         with _bound_triton(loaded, ports, name, max_batch_size, max_queue_delay_us, instances,
                            top_k, batching) as triton:
-            say(f"serving {loaded.path} as models {name!r} (FP32 input, dynamic batching "
+            wire = TRITON_DTYPES[loaded.sidecar.input_dtype]
+            say(f"serving {loaded.path} as models {name!r} ({wire} input, dynamic batching "
                 f"{'up to ' + str(max_batch_size) if batching else 'off'}) and '{name}_image' "
                 f"(encoded images): HTTP localhost:{ports.http}, gRPC localhost:{ports.grpc}, "
                 f"metrics localhost:{ports.metrics}/metrics; Ctrl-C stops")
@@ -188,8 +190,8 @@ def _bound_triton(engine: Any, ports: Ports, name: str, max_batch_size: int,
     try:
         triton = Triton(config=config)
         triton.bind(model_name=name, infer_func=[infer] * instances,
-                    inputs=[Tensor(name=side.input_name, dtype=np.float32,
-                                   shape=tuple(side.input_shape))],
+                    inputs=[Tensor(name=side.input_name, dtype=np.dtype(side.input_dtype),
+                                   shape=side.input_dims)],
                     outputs=outputs, strict=True,
                     config=ModelConfig(max_batch_size=max_batch_size, batcher=(
                         DynamicBatcher(max_queue_delay_microseconds=max_queue_delay_us)

@@ -4,7 +4,7 @@
 
 It needs ``alexnet-deploy`` (and the engine's backend: onnxruntime, openvino, or tensorrt and
 pycuda) installed in the Python environment Triton's Python backend runs. Inputs: ``input`` (FP32
-``[C, H, W]``, preprocessed) or ``image`` (BYTES ``[1]``, an encoded image the server decodes and
+``[C, H, W]``, preprocessed; UINT8 ``[H, W, C]`` pixels for a ``uint8-nhwc`` engine) or ``image`` (BYTES ``[1]``, an encoded image the server decodes and
 preprocesses as the engine's sidecar says). Outputs: ``logits`` and ``labels`` (the top-k class
 names; k is the ``top_k`` parameter of config.pbtxt). Each execute call runs all its requests'
 images as one engine batch; a malformed request gets its own error.
