@@ -241,6 +241,27 @@ def test_classify_matches_engine_classify_on_photos(apps, full_engine):
             assert abs(prob - reference[index]) <= PROB_TOL, (c["source"], index)
 
 
+def test_classify_feeds_a_uint8_engine_its_pixels(apps, full_engine):
+    # the same model built with --input uint8-nhwc: the app sends the resized, cropped pixels
+    from alexnet_deploy.build import build_engine
+    from alexnet_deploy.engine import load_engine
+
+    u8 = full_engine.parent / "fp32-u8"
+    if not u8.exists():
+        build_engine(full_engine.parent / "model.onnx", "fp32", u8, backend="openvino",
+                     input_format="uint8-nhwc", progress=False)
+    photos = sorted(shared_path("imagenet_samples48").rglob("*.JPEG"))[:16]
+    cpp = _cpp_predictions(apps, u8, photos, threads=2)
+    with load_engine(u8) as engine:
+        assert engine.takes_uint8
+        python = engine.classify(photos, top_k=1000)
+    for c, p in zip(cpp, python):
+        assert c["indices"][0] == p.indices[0], c["source"]
+        reference = dict(zip(p.indices, p.probabilities))
+        for index, prob in zip(c["indices"], c["probabilities"]):
+            assert abs(prob - reference[index]) <= PROB_TOL, (c["source"], index)
+
+
 def test_threads_give_the_same_predictions(apps, full_engine, tmp_path):
     images = _synthetic_images(tmp_path / "images") * 2  # 28 images over 4 threads
     one = _cpp_predictions(apps, full_engine, images, threads=1)

@@ -47,13 +47,14 @@ class OpenVinoSession : public alexnet::Session {
   OpenVinoSession(ov::CompiledModel& compiled, const EngineInfo& engine)
       : request_(compiled.create_infer_request()), engine_(engine) {}
 
-  void infer(const float* input, int batch, float* logits) override {
-    const auto& s = engine_.input_shape;
+  void infer(const void* input, int batch, float* logits) override {
+    const std::size_t n = static_cast<std::size_t>(batch);
+    const std::size_t c = engine_.input_shape[0], h = engine_.input_shape[1],
+                      w = engine_.input_shape[2];
     // wraps the caller's buffer: no copy
-    ov::Tensor tensor(ov::element::f32,
-                      {static_cast<std::size_t>(batch), static_cast<std::size_t>(s[0]),
-                       static_cast<std::size_t>(s[1]), static_cast<std::size_t>(s[2])},
-                      const_cast<float*>(input));
+    ov::Tensor tensor = engine_.uint8_input
+                            ? ov::Tensor(ov::element::u8, {n, h, w, c}, const_cast<void*>(input))
+                            : ov::Tensor(ov::element::f32, {n, c, h, w}, const_cast<void*>(input));
     request_.set_tensor(engine_.input_name, tensor);
     request_.infer();
     const ov::Tensor out = request_.get_tensor(engine_.output_name);

@@ -9,6 +9,7 @@
 #include <cuda_runtime_api.h>
 
 #include <algorithm>
+#include <cstdint>
 #include <cstdio>
 #include <fstream>
 #include <iostream>
@@ -81,16 +82,16 @@ struct Plan {
 class TensorRtSession : public alexnet::Session {
  public:
   TensorRtSession(std::shared_ptr<Plan> plan, const EngineInfo& info)
-      : plan_(std::move(plan)), in_size_(info.input_size()),
+      : plan_(std::move(plan)), in_bytes_(info.input_bytes()),
         out_size_(static_cast<int>(info.classes.size())) {
     context_.reset(plan_->engine->createExecutionContext());
     if (!context_) throw UserError("TensorRT could not create an execution context (its log above says why)");
     check_cuda(cudaStreamCreate(&stream_), "cudaStreamCreate");
-    const std::size_t in_bytes = sizeof(float) * in_size_ * plan_->max_batch;
+    const std::size_t in_bytes = in_bytes_ * plan_->max_batch;
     const std::size_t out_bytes = sizeof(float) * out_size_ * plan_->max_batch;
     void* pinned = nullptr;  // page-locked host memory, so the copies can run asynchronously
     check_cuda(cudaMallocHost(&pinned, in_bytes), "cudaMallocHost");
-    host_in_ = static_cast<float*>(pinned);
+    host_in_ = static_cast<std::uint8_t*>(pinned);
     check_cuda(cudaMallocHost(&pinned, out_bytes), "cudaMallocHost");
     host_out_ = static_cast<float*>(pinned);
     check_cuda(cudaMalloc(&device_in_, in_bytes), "cudaMalloc");
@@ -110,17 +111,17 @@ class TensorRtSession : public alexnet::Session {
     if (stream_) cudaStreamDestroy(stream_);
   }
 
-  void infer(const float* input, int batch, float* logits) override {
+  void infer(const void* input, int batch, float* logits) override {
     if (batch > plan_->max_batch) {
       throw UserError("batch size " + std::to_string(batch) + " is outside this engine's profile (1.." +
                       std::to_string(plan_->max_batch) + "); rebuild it with a wider profile");
     }
-    const std::size_t in_count = static_cast<std::size_t>(in_size_) * batch;
+    const std::size_t in_count = in_bytes_ * batch;  // bytes: float32 NCHW or uint8 NHWC
     const std::size_t out_count = static_cast<std::size_t>(out_size_) * batch;
-    std::copy_n(input, in_count, host_in_);
+    std::copy_n(static_cast<const std::uint8_t*>(input), in_count, host_in_);
     nvinfer1::Dims shape = plan_->engine->getTensorShape(plan_->input.c_str());
     shape.d[0] = batch;
-    check_cuda(cudaMemcpyAsync(device_in_, host_in_, in_count * sizeof(float), cudaMemcpyHostToDevice, stream_),
+    check_cuda(cudaMemcpyAsync(device_in_, host_in_, in_count, cudaMemcpyHostToDevice, stream_),
                "cudaMemcpyAsync");
     if (!context_->setInputShape(plan_->input.c_str(), shape)) {
       throw UserError("TensorRT rejected input batch " + std::to_string(batch));
@@ -134,10 +135,11 @@ class TensorRtSession : public alexnet::Session {
 
  private:
   std::shared_ptr<Plan> plan_;
-  int in_size_, out_size_;
+  std::size_t in_bytes_;
+  int out_size_;
   std::unique_ptr<nvinfer1::IExecutionContext> context_;
   cudaStream_t stream_ = nullptr;
-  float* host_in_ = nullptr;
+  std::uint8_t* host_in_ = nullptr;
   float* host_out_ = nullptr;
   void* device_in_ = nullptr;
   void* device_out_ = nullptr;
@@ -160,8 +162,13 @@ alexnet::SessionFactory load(const EngineInfo& info, int /*threads*/) {
   for (int i = 0; i < plan->engine->getNbIOTensors(); ++i) {
     const char* name = plan->engine->getIOTensorName(i);
     const bool is_input = plan->engine->getTensorIOMode(name) == nvinfer1::TensorIOMode::kINPUT;
-    if (plan->engine->getTensorDataType(name) != nvinfer1::DataType::kFLOAT) {
-      throw UserError(std::string("engine tensor ") + name + " is not float32: rebuild the engine");
+    // the sidecar's input type (uint8 pixels for a `--input uint8-nhwc` engine); float32 logits
+    const nvinfer1::DataType want =
+        is_input && info.uint8_input ? nvinfer1::DataType::kUINT8 : nvinfer1::DataType::kFLOAT;
+    if (plan->engine->getTensorDataType(name) != want) {
+      throw UserError(std::string("engine tensor ") + name + " is not " +
+                      (want == nvinfer1::DataType::kUINT8 ? "uint8" : "float32") +
+                      " as its sidecar says: rebuild the engine");
     }
     (is_input ? plan->input : plan->output) = name;
   }

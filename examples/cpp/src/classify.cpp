@@ -129,10 +129,15 @@ std::vector<Prediction> classify_all(const EngineInfo& engine, const Options& o,
   auto work = [&] {
     try {
       std::unique_ptr<Session> session = make_session();
-      std::vector<float> input(static_cast<std::size_t>(batch) * engine.input_size(), 0.0f);
+      // float32 NCHW, or the pixels of a uint8-input engine (operator new aligns for float)
+      std::vector<std::uint8_t> input(static_cast<std::size_t>(batch) * engine.input_bytes(), 0);
       std::vector<float> logits(static_cast<std::size_t>(batch) * classes);
       for (std::size_t i = next++; i < n && !failed; i = next++) {
-        load_input(o.images[i], engine.preprocess, input.data());
+        if (engine.uint8_input) {
+          load_pixels(o.images[i], engine.preprocess, input.data());
+        } else {
+          load_input(o.images[i], engine.preprocess, reinterpret_cast<float*>(input.data()));
+        }
         session->infer(input.data(), batch, logits.data());
         results[i] = top_k(o.images[i], logits.data(), engine.classes, o.top_k);
       }

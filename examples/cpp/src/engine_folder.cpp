@@ -72,8 +72,12 @@ EngineInfo read_engine(const fs::path& path, const std::string& expected_backend
     const json& shape = input.at("shape");
     if (!shape.is_array() || shape.size() != 3) throw Malformed("input.shape needs (C, H, W)");
     for (int i = 0; i < 3; ++i) info.input_shape[i] = shape[i].get<int>();
-    if (input.at("dtype").get<std::string>() != "float32") {
-      throw Malformed("input.dtype is not float32");
+    const std::string dtype = input.at("dtype").get<std::string>();
+    const std::string layout = input.value("layout", "NCHW");
+    if (dtype == "uint8" && layout == "NHWC") {
+      info.uint8_input = true;
+    } else if (dtype != "float32" || layout != "NCHW") {
+      throw Malformed("input is " + dtype + " " + layout + ", not float32 NCHW or uint8 NHWC");
     }
     info.min_batch = input.value("min_batch", 1);
     if (input.contains("max_batch") && !input["max_batch"].is_null()) {

@@ -2,10 +2,11 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 
 namespace alexnet {
 
-void preprocess(const RgbImage& image, const PreprocessSpec& spec, float* out) {
+RgbImage resize_crop(const RgbImage& image, const PreprocessSpec& spec) {
   Filter filter;
   if (spec.interpolation == "bilinear") {
     filter = Filter::Bilinear;
@@ -30,6 +31,20 @@ void preprocess(const RgbImage& image, const PreprocessSpec& spec, float* out) {
   const int crop = spec.crop;
   const int left = (width - crop) / 2;
   const int top = (height - crop) / 2;
+  RgbImage out;
+  out.width = out.height = crop;
+  out.pixels.resize(static_cast<std::size_t>(crop) * crop * 3);
+  for (int y = 0; y < crop; ++y) {
+    std::memcpy(&out.pixels[static_cast<std::size_t>(y) * crop * 3],
+                &src->pixels[(static_cast<std::size_t>(y + top) * width + left) * 3],
+                static_cast<std::size_t>(crop) * 3);
+  }
+  return out;
+}
+
+void preprocess(const RgbImage& image, const PreprocessSpec& spec, float* out) {
+  const RgbImage cropped = resize_crop(image, spec);
+  const int crop = spec.crop;
   // numpy's float32 arithmetic: x * float32(1/255), then (x - mean) / std, each rounded to float
   const float to_unit = static_cast<float>(1.0 / 255.0);
   const std::size_t plane = static_cast<std::size_t>(crop) * crop;
@@ -37,19 +52,21 @@ void preprocess(const RgbImage& image, const PreprocessSpec& spec, float* out) {
     const float mean = static_cast<float>(spec.mean[c]);
     const float deviation = static_cast<float>(spec.std[c]);
     float* dst = out + c * plane;
-    for (int y = 0; y < crop; ++y) {
-      const std::uint8_t* row =
-          &src->pixels[(static_cast<std::size_t>(y + top) * width + left) * 3 + c];
-      for (int x = 0; x < crop; ++x) {
-        const float unit = static_cast<float>(row[3 * x]) * to_unit;
-        dst[static_cast<std::size_t>(y) * crop + x] = (unit - mean) / deviation;
-      }
+    const std::uint8_t* pixel = &cropped.pixels[c];
+    for (std::size_t i = 0; i < plane; ++i) {
+      const float unit = static_cast<float>(pixel[3 * i]) * to_unit;
+      dst[i] = (unit - mean) / deviation;
     }
   }
 }
 
 void load_input(const std::filesystem::path& path, const PreprocessSpec& spec, float* out) {
   preprocess(decode_image(path), spec, out);
+}
+
+void load_pixels(const std::filesystem::path& path, const PreprocessSpec& spec, std::uint8_t* out) {
+  const RgbImage cropped = resize_crop(decode_image(path), spec);
+  std::copy(cropped.pixels.begin(), cropped.pixels.end(), out);
 }
 
 }  // namespace alexnet

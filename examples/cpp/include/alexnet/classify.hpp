@@ -30,8 +30,9 @@ Prediction top_k(const std::string& source, const float* logits,
 class Session {
  public:
   virtual ~Session() = default;
-  // Run `batch` inputs (batch * info.input_size() floats) and write batch * num_classes logits.
-  virtual void infer(const float* input, int batch, float* logits) = 0;
+  // Run `batch` inputs as the engine takes them (batch * info.input_bytes() bytes: float32 NCHW,
+  // or uint8 NHWC pixels) and write batch * num_classes logits.
+  virtual void infer(const void* input, int batch, float* logits) = 0;
 };
 
 // Called once per worker thread, on that thread, to create its session.

@@ -40,6 +40,7 @@ struct EngineInfo {
   std::string input_name;            // input tensor name
   std::string output_name;           // logits tensor name
   std::array<int, 3> input_shape{};  // (C, H, W) of one input
+  bool uint8_input = false;          // input.dtype "uint8": resized, cropped RGB pixels, NHWC
   int min_batch = 1;                 // smallest batch the engine takes
   std::optional<int> max_batch;      // largest; empty for any
   PreprocessSpec preprocess;
@@ -51,6 +52,10 @@ struct EngineInfo {
   // the file is missing.
   std::filesystem::path artifact(const std::string& name) const;
   int input_size() const { return input_shape[0] * input_shape[1] * input_shape[2]; }
+  // Bytes of one input as the engine takes it: float32 NCHW, or uint8 NHWC pixels.
+  std::size_t input_bytes() const {
+    return static_cast<std::size_t>(input_size()) * (uint8_input ? 1 : sizeof(float));
+  }
 };
 
 // Read and check `path/engine.json` (`path` is the engine folder or its engine.json).
