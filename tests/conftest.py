@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import signal
 from pathlib import Path
 
 import pytest
@@ -14,6 +15,12 @@ SHARED_DATA = ROOT.parent / "shared" / "data"
 
 # Two cores on CI: keep each test process to them and make tests reproducible.
 torch.set_num_threads(2)
+
+# The Ctrl-C tests send SIGINT to the processes they start. A suite started as a background job
+# of a script (`make test &`, nohup) has SIGINT ignored, and its children would inherit that;
+# give the suite Python's default handler, so they get SIGINT as from a terminal.
+if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 def shared_path(name: str) -> Path:
