@@ -79,10 +79,12 @@ def parse_csv(value: str, kind=str, name: str = "value") -> list:
               help="Training images: an image folder (one sub-folder per class), an .npz or "
                    "synthetic:train.  [default: the recipe's 'data']")
 @click.option("--val-data", metavar="PATH",
-              help="Validation images, evaluated after every epoch.  [default: the recipe's]")
+              help="Validation images, evaluated after every epoch; best.pt is the best epoch "
+                   "on them.  [default: the recipe's, else the --holdout images]")
 @click.option("--holdout", type=NON_NEGATIVE_INT, metavar="N",
               help="Keep N images of --data (a seeded draw) out of training; an INT8 accuracy "
-                   "budget built on the same data measures on them.  [default: the recipe's]")
+                   "budget built on the same data measures on them, and without --val-data "
+                   "they validate.  [default: the recipe's]")
 @click.option("--recipe", metavar="NAME_OR_FILE",
               help="A shipped recipe (paper, cifar10, imagenette, demo) or a .toml file; "
                    "with --resume, the run's own.")

@@ -594,20 +594,22 @@ class EvalSet:
 
     def __init__(self, data: str | Path | ImageDataset, spec: PreprocessSpec, *,
                  ten_crop: bool = False, workers: int | None = None,
-                 cache_bytes: float = 2**30) -> None:
+                 cache_bytes: float = 2**30, indices: Sequence[int] | None = None) -> None:
         self.dataset = open_dataset(data)
         self.spec, self.ten_crop = spec, ten_crop
         self.workers = default_workers() if workers is None else workers
         self.skipped = SkippedImages(self.dataset)
+        # the data-set positions served: all, or e.g. a training holdout (holdout_indices)
+        self.index = np.arange(len(self.dataset)) if indices is None else np.asarray(indices)
         per_image = 4 * 3 * spec.crop ** 2 * (10 if ten_crop else 1)
         self.cache: tuple[torch.Tensor, torch.Tensor] | None = None
-        if per_image * len(self.dataset) <= cache_bytes:
-            parts = list(self._decode(np.arange(len(self.dataset)), 64))
+        if per_image * len(self.index) <= cache_bytes:
+            parts = list(self._decode(self.index, 64))
             self.cache = (torch.from_numpy(np.concatenate([p[0] for p in parts])),
                           torch.from_numpy(np.concatenate([p[1] for p in parts])))
 
     def __len__(self) -> int:
-        return len(self.dataset) if self.cache is None else len(self.cache[1])
+        return len(self.index) if self.cache is None else len(self.cache[1])
 
     def _decode(self, indices: np.ndarray, batch_size: int):
         return _decode(self.dataset, eval_transform(self.spec, self.ten_crop), indices,
@@ -623,8 +625,7 @@ class EvalSet:
                 sel = shard[start:start + batch_size]
                 yield images[sel], labels[sel]
             return
-        for images, labels, _ in self._decode(np.arange(rank, len(self.dataset), world),
-                                              batch_size):
+        for images, labels, _ in self._decode(self.index[rank::world], batch_size):
             yield torch.from_numpy(images), torch.from_numpy(labels)
 
 

@@ -89,11 +89,13 @@ class Recipe:
         description: one line on what the recipe is for.
         data: training data (folder, ``.npz`` or ``synthetic:train``). Defaults to ``None``
             (``--data`` must give it).
-        val_data: validation data, evaluated after every epoch. Defaults to ``None`` (none).
+        val_data: validation data, evaluated after every epoch (``best.pt`` is the best
+            epoch on it). Defaults to ``None``: the holdout, if any, else none.
         holdout: images of ``data`` never trained on (a seeded draw,
             :func:`~alexnet_deploy.data.holdout_indices`). The checkpoint records them, and an
             INT8 accuracy budget built with ``--calibration-data`` set to the same data measures
-            on them: images a model has fitted flatter INT8. Defaults to 0.
+            on them: images a model has fitted flatter INT8. Without ``val_data`` they are also
+            the validation set. Defaults to 0.
         epochs: epochs to train. Defaults to 90.
         batch_size: images per step (per process under torchrun). Defaults to 128.
         lr: learning rate (the peak for ``onecycle``/``cosine``). Defaults to 0.01.
@@ -389,7 +391,7 @@ def _make_scheduler(recipe: Recipe, optimizer: torch.optim.Optimizer, steps_per_
 
         return torch.optim.lr_scheduler.LambdaLR(optimizer, factor), True
     if recipe.schedule == "plateau":
-        mode = "max" if recipe.val_data else "min"
+        mode = "max" if recipe.val_data or recipe.holdout else "min"  # val top-1, else loss
         return torch.optim.lr_scheduler.ReduceLROnPlateau(
             optimizer, mode=mode, factor=recipe.plateau_factor,
             patience=recipe.plateau_patience, min_lr=recipe.lr * 1e-4), False
@@ -495,7 +497,11 @@ class _Trainer:
         self.training_data = {"fingerprint": dataset.fingerprint(), "images": len(dataset),
                               "holdout": recipe.holdout, "holdout_seed": recipe.seed}
         self.val_set = None
-        if recipe.val_data:
+        if not recipe.val_data and recipe.holdout:
+            # no validation data given: validate (and pick best.pt) on the holdout, never on a
+            # test set
+            self.val_set = EvalSet(dataset, self.spec, workers=recipe.workers, indices=held_out)
+        elif recipe.val_data:
             self.val_set = EvalSet(recipe.val_data, self.spec, workers=recipe.workers)
             if self.val_set.dataset.class_names != self.classes:
                 raise UserError(f"validation data {recipe.val_data} has classes "

@@ -245,6 +245,13 @@ def test_training_leaves_the_holdout_out_and_export_carries_it(tmp_path, tiny_np
     assert ckpt.state["recipe"]["holdout"] == 30
     export(source_from_checkpoint(out / "last.pt"), tmp_path / "m.onnx")
     assert read_model_info(tmp_path / "m.onnx").training_data == ckpt.training_data
+    # without --val-data the holdout validates: the epoch's val_top1 is last.pt on those images
+    metrics = json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])
+    data = np.load(tiny_npz)
+    held_npz = tmp_path / "held.npz"
+    np.savez(held_npz, images=data["images"][held], labels=data["labels"][held],
+             classes=data["classes"])
+    assert abs(metrics["val_top1"] - T.evaluate(out / "last.pt", held_npz).top1) <= 1 / 30
 
 
 def test_a_holdout_as_large_as_the_data_is_one_line(tmp_path, tiny_npz):
