@@ -411,11 +411,12 @@ def build_engine(model_path: str | Path, precision: str, out: str | Path, *,
                        messages=messages, tuning=tuning)
 
 
-def tuning_split(dataset: Any, training_data: dict[str, Any], n_cal: int, held_cap: int
-                 ) -> tuple[Any, Any, str]:
-    """``(calibration positions, held-out positions, source)`` in ``dataset`` for the budget.
+def tuning_split(n: int, fingerprint: str, training_data: dict[str, Any], n_cal: int,
+                 held_cap: int) -> tuple[Any, Any, str]:
+    """``(calibration positions, held-out positions, source)`` in a data set of ``n`` images
+    whose :func:`~alexnet_deploy.data.dataset_fingerprint` is ``fingerprint``, for the budget.
 
-    When ``dataset`` is the model's training data (same fingerprint as the exported
+    When the data set is the model's training data (same fingerprint as the exported
     ``training_data`` record) and training held images out, the held-out part is exactly those
     (at most ``held_cap``, a seeded draw of them) and calibration draws from the rest. Otherwise
     one seeded permutation gives ``n_cal`` calibration images, then up to ``held_cap`` held out;
@@ -426,10 +427,8 @@ def tuning_split(dataset: Any, training_data: dict[str, Any], n_cal: int, held_c
     import numpy as np
 
 
-    n = len(dataset)
     rng = np.random.default_rng(0)
-    trained_on = bool(training_data) and \
-        training_data.get("fingerprint") == dataset_fingerprint(dataset)
+    trained_on = bool(training_data) and training_data.get("fingerprint") == fingerprint
     holdout = int(training_data.get("holdout") or 0) if trained_on else 0
     if holdout > 0 and training_data.get("images") in (None, n):
         held = holdout_indices(n, holdout, int(training_data.get("holdout_seed") or 0))
@@ -500,7 +499,8 @@ def tune_int8(model: onnx.ModelProto, calibration: Any, data: str, spec: Any,
     c, h, w = spec.input_shape
     held_cap = max(64, min(HELD_OUT_IMAGES, HELD_OUT_BYTES // (4 * c * h * w)))
     dataset = open_dataset(data)
-    cal_at, held_at, source = tuning_split(dataset, training_data or {},
+    fingerprint = dataset_fingerprint(dataset)  # hashes every image of an .npz: once
+    cal_at, held_at, source = tuning_split(len(dataset), fingerprint, training_data or {},
                                            0 if calibration is not None else CALIBRATION_IMAGES,
                                            held_cap)
     images, _ = read_images(dataset, spec, cal_at, progress, "calibration images")
@@ -559,7 +559,7 @@ def tune_int8(model: onnx.ModelProto, calibration: Any, data: str, spec: Any,
     tuning = {
         "budget": {"min_agreement": budget.min_agreement, "max_top1_drop": budget.max_top1_drop,
                    "confidence": budget.confidence, "text": budget.describe()},
-        "data": {"path": str(data), "fingerprint": dataset_fingerprint(dataset),
+        "data": {"path": str(data), "fingerprint": fingerprint,
                  "calibration_images": n_cal, "held_out_images": len(held) // len(views),
                  "held_out_from": source, "seed": 0, "views": views},
         "placement": target,

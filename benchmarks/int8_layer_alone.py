@@ -37,7 +37,8 @@ def main() -> None:
     model = onnx.load(args.model)
     info = read_model_info(model)
     dataset = open_dataset(args.data)
-    cal_at, held_at, source = tuning_split(dataset, info.training_data, CALIBRATION_IMAGES,
+    cal_at, held_at, source = tuning_split(len(dataset), dataset.fingerprint(),
+                                           info.training_data, CALIBRATION_IMAGES,
                                            HELD_OUT_IMAGES)
     print(f"held out: {len(held_at)} images ({source}); calibration: {len(cal_at)}")
     cal, _ = read_images(dataset, info.preprocess, cal_at, False, "calibration images")

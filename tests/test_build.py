@@ -299,22 +299,24 @@ def test_tuning_split_uses_the_holdout_of_the_models_own_training_data():
     ds = open_dataset("synthetic:test")  # 1,000 images
     record = {"fingerprint": ds.fingerprint(), "images": 1000, "holdout": 300,
               "holdout_seed": 7}
-    cal, held, source = tuning_split(ds, record, n_cal=200, held_cap=4096)
+    cal, held, source = tuning_split(len(ds), ds.fingerprint(), record, n_cal=200,
+                                     held_cap=4096)
     assert source == "holdout"
     assert np.array_equal(held, holdout_indices(1000, 300, seed=7))
     assert len(cal) == 200 and not set(cal.tolist()) & set(held.tolist())
     # a cap below the holdout: a seeded draw of the holdout, never another image
-    _, capped, _ = tuning_split(ds, record, n_cal=200, held_cap=100)
+    _, capped, _ = tuning_split(len(ds), ds.fingerprint(), record, n_cal=200, held_cap=100)
     assert len(capped) == 100 and set(capped.tolist()) <= set(held.tolist())
     # the training data without a holdout, and other data: one seeded permutation
     for rec, expected in [({**record, "holdout": 0}, "training data"),
                           ({**record, "fingerprint": "0" * 64}, "other data"),
                           ({}, "other data")]:
-        cal, held, source = tuning_split(ds, rec, n_cal=200, held_cap=500)
+        cal, held, source = tuning_split(len(ds), ds.fingerprint(), rec, n_cal=200,
+                                         held_cap=500)
         assert source == expected and len(cal) == 200 and len(held) == 500
         assert not set(cal.tolist()) & set(held.tolist())
     # a set too small for both parts: a third calibrates
-    cal, held, _ = tuning_split(ds, {}, n_cal=1024, held_cap=4096)
+    cal, held, _ = tuning_split(len(ds), ds.fingerprint(), {}, n_cal=1024, held_cap=4096)
     assert (len(cal), len(held)) == (333, 667)
 
 

@@ -43,6 +43,9 @@ class Handler:
         self.top_k = max(1, min(int(top_k), sidecar.num_classes))
         self.input_name = sidecar.input_name
         self.output_name = sidecar.output_name
+        # the input tensor as it must arrive, for error messages
+        self._wire = (f"{TRITON_DTYPES[sidecar.input_dtype]} "
+                      f"[n, {', '.join(map(str, sidecar.input_dims))}]")
         self._labels = np.array([c.encode() for c in sidecar.classes], dtype=object)
 
     def run(self, requests: Sequence[Mapping[str, np.ndarray]]
@@ -80,8 +83,7 @@ class Handler:
 
     def _inputs(self, request: Mapping[str, np.ndarray]) -> np.ndarray:
         has_tensor, has_image = self.input_name in request, IMAGE_INPUT in request
-        side = self.engine.sidecar
-        wire = f"{TRITON_DTYPES[side.input_dtype]} [n, {', '.join(map(str, side.input_dims))}]"
+        side, wire = self.engine.sidecar, self._wire
         if has_tensor == has_image:
             raise RequestError(f"send exactly one of the inputs {self.input_name!r} ({wire}) or "
                                f"{IMAGE_INPUT!r} (BYTES [n, 1], encoded images)")
